@@ -1,0 +1,132 @@
+"""The FastAPI application: routers, middleware, error handlers and the resources of a process."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import structlog
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from redis.asyncio import Redis
+
+from heron import __version__
+from heron.auth.router import router as auth_router
+from heron.core.errors import PROBLEM_JSON, FieldError, Problem, install_error_handlers
+from heron.core.middleware import RequestContextMiddleware, SizeLimitMiddleware
+from heron.core.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
+from heron.core.security import TokenSigner, load_or_create_secret_key
+from heron.db import migrate
+from heron.db.engine import Database
+from heron.ops.router import router as ops_router
+from heron.settings import Settings, SettingsError, load_settings
+from heron.tenancy.router import router as tenancy_router
+
+log = structlog.get_logger("heron.app")
+
+
+class SchemaOutdated(Exception):
+    """The database schema is not the one this version of Heron needs."""
+
+
+def resolve_secret_key(settings: Settings) -> str:
+    if settings.auth.secret_key is not None:
+        return settings.auth.secret_key.get_secret_value()
+    if not settings.is_sqlite or settings.redis.url:
+        raise SettingsError(
+            "HERON_SECRET_KEY",
+            "required with PostgreSQL or Redis (use the same value on every replica; "
+            "generate one with `python -c 'import secrets; print(secrets.token_urlsafe(48))'`)",
+        )
+    return load_or_create_secret_key(settings.home)
+
+
+async def check_schema(url: str) -> None:
+    current = await migrate.current_revision(url)
+    head = migrate.head_revision()
+    if current != head:
+        raise SchemaOutdated(
+            f"the database schema is at {current or 'nothing'} but this Heron needs {head}; "
+            "run `heron migrate`"
+        )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or load_settings()
+    secret_key = resolve_secret_key(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await check_schema(settings.database_url)
+        db = Database(
+            settings.database_url,
+            pool_size=settings.database.pool_size,
+            echo=settings.database.echo,
+        )
+        redis: Redis | None = Redis.from_url(settings.redis.url) if settings.redis.url else None
+        limiter: RateLimiter = RedisRateLimiter(redis) if redis else MemoryRateLimiter()
+        app.state.db = db
+        app.state.redis = redis
+        app.state.rate_limiter = limiter
+        log.info("started", database=db.url.get_backend_name(), redis=redis is not None)
+        try:
+            yield
+        finally:
+            await limiter.close()
+            if redis is not None:
+                await redis.aclose()
+            await db.dispose()
+
+    app = FastAPI(
+        title="Heron",
+        version=__version__,
+        description="A self-hosted platform for AI agents.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.token_signer = TokenSigner(
+        secret_key,
+        access_seconds=settings.auth.access_token_seconds,
+        refresh_seconds=settings.auth.refresh_token_seconds,
+    )
+    install_error_handlers(app)
+    app.add_middleware(
+        SizeLimitMiddleware,
+        max_body_bytes=settings.limits.max_body_bytes,
+        max_header_bytes=settings.limits.max_header_bytes,
+    )
+    app.add_middleware(RequestContextMiddleware)
+    app.include_router(ops_router)
+    app.include_router(auth_router)
+    app.include_router(tenancy_router)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = _openapi(app)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema, with every error response declared as Problem Details."""
+    schema = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes
+    )
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components.pop("HTTPValidationError", None)
+    components.pop("ValidationError", None)
+    for model in (FieldError, Problem):
+        definition = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        definition.pop("$defs", None)
+        components[model.__name__] = definition
+    problem = {"content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+    for path in schema.get("paths", {}).values():
+        for operation in path.values():
+            responses = operation.setdefault("responses", {})
+            if "422" in responses:
+                responses["422"] = {"description": "Validation failed", **problem}
+            responses["500"] = {"description": "Internal server error", **problem}
+    return schema

