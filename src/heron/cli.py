@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
@@ -51,6 +52,8 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 def _settings(**server: object) -> Settings:
+    from pydantic import ValidationError
+
     from heron.settings import ServerSettings, SettingsError, load_settings
 
     try:
@@ -62,6 +65,10 @@ def _settings(**server: object) -> Settings:
         return settings
     except SettingsError as exc:
         fail(str(exc), 2)
+    except ValidationError as exc:  # a command-line option out of range (`--port 99999`)
+        error = exc.errors()[0]
+        option = str(error["loc"][0]) if error["loc"] else "option"
+        fail(f"invalid option --{option}: {error['msg']}", 2)
 
 
 def _prepare_database(settings: Settings) -> None:
@@ -140,6 +147,9 @@ def serve(
         "timeout_graceful_shutdown": server.graceful_shutdown_seconds,
     }
     typer.echo(f"Heron {__version__} listening on http://{server.host}:{server.port}", err=True)
+    # After a graceful shutdown uvicorn re-raises the SIGTERM it caught, which would end the
+    # process as "killed by SIGTERM" (status 143); a clean stop on request exits with 0.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     if server.workers == 1:
         uvicorn.run(create_app(settings), **options)  # type: ignore[arg-type]
         return
@@ -154,6 +164,10 @@ def serve(
         workers=server.workers,
         **options,  # type: ignore[arg-type]
     )
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def _announce_bootstrap(settings: Settings) -> None:

@@ -25,7 +25,11 @@ class SettingsError(Exception):
 
 def _config(prefix: str) -> SettingsConfigDict:
     return SettingsConfigDict(
-        env_prefix=prefix, env_file=".env", extra="ignore", validate_default=True
+        env_prefix=prefix,
+        env_file=".env",
+        extra="ignore",
+        validate_default=True,
+        populate_by_name=True,
     )
 
 
@@ -264,6 +268,8 @@ def _settings_error(cls: type[BaseSettings], exc: ValidationError) -> SettingsEr
 
 
 def env_name(cls: type[BaseSettings], field: str) -> str:
+    if field.upper().startswith("HERON_"):  # errors report aliased fields by their alias
+        return field.upper()
     info = cls.model_fields.get(field)
     if info is not None and isinstance(info.validation_alias, AliasChoices):
         return str(info.validation_alias.choices[0])

@@ -102,9 +102,27 @@ async def get_caller(
 async def _caller_from_key(
     request: Request, session: DbSession, prefix: str, token: str, settings: Settings
 ) -> Caller:
-    key = await session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
-    if key is None or not api_key_matches(key.key_hash, token):
+    # A key acts for its creator: with at most the creator's current role, and not at all once
+    # the creator has left the workspace. Keys made by an operator (CLI) have no creator.
+    row = (
+        await session.execute(
+            select(ApiKey, Membership.role)
+            .outerjoin(
+                Membership,
+                (Membership.workspace_id == ApiKey.workspace_id)
+                & (Membership.user_id == ApiKey.created_by),
+            )
+            .where(ApiKey.prefix == prefix)
+        )
+    ).first()
+    if row is None or not api_key_matches(row[0].key_hash, token):
         raise Unauthorized("The API key is not valid.")
+    key, creator_role = row
+    role = key.role
+    if key.created_by is not None:
+        if creator_role is None:
+            raise Unauthorized("The API key's creator is no longer a member of its workspace.")
+        role = min(role, creator_role, key=lambda r: r.rank)
     now = utcnow()
     if key.revoked_at is not None:
         raise Unauthorized("The API key has been revoked.")
@@ -119,7 +137,7 @@ async def _caller_from_key(
             # A read request keeps its read-only transaction; the write gets its own, short one.
             async with get_database(request).session(write=True) as writer, writer.begin():
                 await writer.execute(touch)
-    return Caller(user_id=key.created_by, key=KeyGrant(key.id, key.workspace_id, key.role))
+    return Caller(user_id=key.created_by, key=KeyGrant(key.id, key.workspace_id, role))
 
 
 async def enforce_rate_limit(

@@ -1,0 +1,104 @@
+"""One workspace never sees another's data: every workspace-owned endpoint, called with
+another workspace's credentials, answers 404 and changes nothing."""
+
+from __future__ import annotations
+
+import httpx
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
+
+from conftest import Tenant
+
+# Endpoints that take no workspace-owned id: checked through what they list or return.
+UNSCOPED = {
+    ("GET", "/api/workspaces"),
+    ("POST", "/api/workspaces"),
+    ("GET", "/api/members"),
+    ("POST", "/api/members"),
+    ("GET", "/api/keys"),
+    ("POST", "/api/keys"),
+    ("GET", "/api/me"),
+    ("POST", "/api/auth/login"),
+    ("POST", "/api/auth/refresh"),
+}
+
+
+async def test_every_endpoint_hides_another_workspaces_resources(
+    app: FastAPI, client: httpx.AsyncClient, alice: Tenant, bob: Tenant
+) -> None:
+    carol = (
+        await client.post("/api/members", json={"email": "carol@example.com", "password": "carol-pass1"},
+                          headers=alice.headers)
+    ).json()
+    alice_key = (await client.post("/api/keys", json={"name": "a2"}, headers=alice.headers)).json()
+    ids = {
+        "workspace_id": str(alice.workspace_id),
+        "user_id": carol["user_id"],
+        "key_id": alice_key["id"],
+    }
+    bodies = {"PATCH": {"name": "stolen", "role": "viewer"}}
+
+    bob_login = (
+        await client.post("/api/auth/login", json={"email": bob.email, "password": "correct horse battery"})
+    ).json()
+    bob_session = {"Authorization": f"Bearer {bob_login['access_token']}"}
+
+    walked: set[tuple[str, str]] = set()
+    for route in app.routes:
+        if not isinstance(route, APIRoute) or not route.path.startswith("/api"):
+            continue
+        for method in route.methods:
+            if (method, route.path) in UNSCOPED:
+                continue
+            path = route.path.format(**ids)
+            body = bodies.get(method)
+            if method == "PATCH" and "/members/" in route.path:
+                body = {"role": "viewer"}
+            elif method == "PATCH":
+                body = {"name": "stolen"}
+            for headers in (bob.headers, bob_session):
+                response = await client.request(method, path, json=body, headers=headers)
+                assert response.status_code == 404, (method, path, response.status_code, response.text)
+                assert response.headers["content-type"] == "application/problem+json"
+            # Naming Alice's workspace in the header does not help Bob's session either.
+            response = await client.request(
+                method, path, json=body, headers={**bob_session, "Heron-Workspace": ids["workspace_id"]}
+            )
+            assert response.status_code == 404, (method, path, response.text)
+            walked.add((method, route.path))
+
+    api_routes = {
+        (m, r.path) for r in app.routes if isinstance(r, APIRoute) and r.path.startswith("/api")
+        for m in r.methods
+    }
+    assert api_routes - UNSCOPED == walked, "an endpoint is not covered by the isolation walk"
+
+    # Lists show Bob only his own things.
+    for path in ("/api/workspaces", "/api/members", "/api/keys"):
+        text = (await client.get(path, headers=bob.headers)).text
+        assert str(alice.workspace_id) not in text
+        assert carol["user_id"] not in text
+        assert alice_key["id"] not in text
+        assert alice.email not in text
+
+    # And Alice's things are untouched.
+    ws = (await client.get(f"/api/workspaces/{alice.workspace_id}", headers=alice.headers)).json()
+    assert ws["name"] == "Alice workspace"
+    key = (await client.get(f"/api/keys/{alice_key['id']}", headers=alice.headers)).json()
+    assert key["revoked_at"] is None
+    assert key["name"] == "a2"
+    member = (await client.get(f"/api/members/{carol['user_id']}", headers=alice.headers)).json()
+    assert member["role"] == "member"
+    assert (await client.get("/api/me", headers={"Authorization": f"Bearer {alice_key['key']}"})).status_code == 200
+
+
+async def test_adding_a_user_of_another_workspace_does_not_leak_its_data(
+    client: httpx.AsyncClient, alice: Tenant, bob: Tenant
+) -> None:
+    # Bob adds Alice's user to his workspace: she gains Bob's workspace, Bob gains nothing of hers.
+    added = await client.post("/api/members", json={"email": alice.email}, headers=bob.headers)
+    assert added.status_code == 201
+    assert added.json()["name"] == "Alice"
+    listed = (await client.get("/api/members", headers=bob.headers)).json()["items"]
+    assert str(alice.workspace_id) not in str(listed)
+    assert (await client.get(f"/api/workspaces/{alice.workspace_id}", headers=bob.headers)).status_code == 404

@@ -1,0 +1,50 @@
+"""Migrations run on both backends and match the ORM models."""
+
+from __future__ import annotations
+
+import asyncio
+
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Connection
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from heron.app import SchemaOutdated, check_schema
+from heron.db import migrate
+from heron.db.models import Base
+
+
+def _diff(url: str) -> list[object]:
+    async def run() -> list[object]:
+        engine = create_async_engine(url)
+        try:
+            async with engine.connect() as conn:
+
+                def compare(sync: Connection) -> list[object]:
+                    return list(compare_metadata(MigrationContext.configure(sync), Base.metadata))
+
+                return await conn.run_sync(compare)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())
+
+
+def test_migrated_schema_matches_the_models(database_url: str) -> None:
+    assert _diff(database_url) == []
+
+
+def test_downgrade_to_nothing_and_back(database_url: str) -> None:
+    migrate.upgrade(database_url, "head")
+    from alembic import command
+
+    command.downgrade(migrate.alembic_config(database_url), "base")
+    assert asyncio.run(migrate.current_revision(database_url)) is None
+    try:
+        asyncio.run(check_schema(database_url))
+        raise AssertionError("an empty schema passed the check")
+    except SchemaOutdated as exc:
+        assert "heron migrate" in str(exc)
+    migrate.upgrade(database_url, "head")
+    assert asyncio.run(migrate.current_revision(database_url)) == migrate.head_revision()
+    assert _diff(database_url) == []
