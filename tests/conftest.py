@@ -89,7 +89,9 @@ def postgres() -> Iterator[PostgresServer]:
 
 
 @pytest.fixture(scope="session")
-def template_database(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+def template_database(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> str:
     """A database migrated once, copied for each test (a file copy or CREATE DATABASE TEMPLATE)."""
     if BACKEND == "sqlite":
         path = tmp_path_factory.mktemp("template") / "heron.db"
@@ -102,7 +104,9 @@ def template_database(request: pytest.FixtureRequest, tmp_path_factory: pytest.T
 
 
 @pytest.fixture
-def database_url(request: pytest.FixtureRequest, template_database: str, tmp_path: Path) -> Iterator[str]:
+def database_url(
+    request: pytest.FixtureRequest, template_database: str, tmp_path: Path
+) -> Iterator[str]:
     if BACKEND == "sqlite":
         target = tmp_path / "heron.db"
         shutil.copyfile(template_database, target)
@@ -140,7 +144,9 @@ def scale_out(request: pytest.FixtureRequest) -> str | None:
 # The application -------------------------------------------------------------------------------
 
 
-def make_settings(home: Path, database_url: str, redis_url: str | None = None, **limits: object) -> Settings:
+def make_settings(
+    home: Path, database_url: str, redis_url: str | None = None, **limits: object
+) -> Settings:
     return load_settings(
         home=home,
         database=DatabaseSettings(url=database_url, pool_size=5),
@@ -223,14 +229,20 @@ async def db(app: FastAPI, base_url: str) -> Database:
     return database
 
 
-async def make_tenant(db: Database, name: str, password: str | None = "correct horse battery") -> Tenant:
+async def make_tenant(
+    db: Database, name: str, password: str | None = "correct horse battery"
+) -> Tenant:
     async with db.session(write=True) as session, session.begin():
         email = f"{name.lower()}-{uuid.uuid4().hex[:6]}@example.com"
         user = await create_user(session, email, password, name)
         workspace = await create_workspace(session, user.id, f"{name} workspace")
         _, token = await create_api_key(
-            session, workspace.id, name=f"{name} owner key", role=Role.owner,
-            created_by=user.id, grantor_role=Role.owner,
+            session,
+            workspace.id,
+            name=f"{name} owner key",
+            role=Role.owner,
+            created_by=user.id,
+            grantor_role=Role.owner,
         )
         return Tenant(workspace.id, user.id, email, token)
 
@@ -238,8 +250,12 @@ async def make_tenant(db: Database, name: str, password: str | None = "correct h
 async def key_for(db: Database, tenant: Tenant, role: Role) -> str:
     async with db.session(write=True) as session, session.begin():
         _, token = await create_api_key(
-            session, tenant.workspace_id, name=f"{role.value} key", role=role,
-            created_by=tenant.user_id, grantor_role=Role.owner,
+            session,
+            tenant.workspace_id,
+            name=f"{role.value} key",
+            role=role,
+            created_by=tenant.user_id,
+            grantor_role=Role.owner,
         )
         return token
 

@@ -31,7 +31,9 @@ async def test_key_is_shown_once_and_stored_only_as_a_hash(
     shown = await client.get(f"/api/keys/{created.json()['id']}", headers=alice.headers)
     assert "key" not in shown.json()
     async with db.session(write=False) as session:
-        row = await session.scalar(select(ApiKey).where(ApiKey.id == uuid.UUID(created.json()["id"])))
+        row = await session.scalar(
+            select(ApiKey).where(ApiKey.id == uuid.UUID(created.json()["id"]))
+        )
         assert row is not None
         assert token not in (row.key_hash, row.prefix, row.name)
         assert row.prefix in token
@@ -51,13 +53,16 @@ async def test_revoked_and_expired_keys_stop_working(
 
     soon = (utcnow() + timedelta(hours=1)).isoformat()
     made = (
-        await client.post("/api/keys", json={"name": "exp", "expires_at": soon}, headers=alice.headers)
+        await client.post(
+            "/api/keys", json={"name": "exp", "expires_at": soon}, headers=alice.headers
+        )
     ).json()
     auth = {"Authorization": f"Bearer {made['key']}"}
     assert (await client.get("/api/me", headers=auth)).status_code == 200
     async with db.session(write=True) as session, session.begin():
         await session.execute(
-            update(ApiKey).where(ApiKey.prefix == made["prefix"])
+            update(ApiKey)
+            .where(ApiKey.prefix == made["prefix"])
             .values(expires_at=utcnow() - timedelta(seconds=1))
         )
     response = await client.get("/api/me", headers=auth)
@@ -69,7 +74,9 @@ async def test_expiry_in_the_past_or_without_zone_is_rejected(
     client: httpx.AsyncClient, alice: Tenant
 ) -> None:
     past = (utcnow() - timedelta(days=1)).isoformat()
-    r = await client.post("/api/keys", json={"name": "x", "expires_at": past}, headers=alice.headers)
+    r = await client.post(
+        "/api/keys", json={"name": "x", "expires_at": past}, headers=alice.headers
+    )
     assert r.status_code == 422
     r = await client.post(
         "/api/keys", json={"name": "x", "expires_at": "2099-01-01T00:00:00"}, headers=alice.headers
@@ -112,7 +119,9 @@ async def test_refresh_token_gives_new_tokens_and_is_not_an_access_token(
     client: httpx.AsyncClient, alice: Tenant
 ) -> None:
     tokens = (await login(client, alice.email)).json()
-    refreshed = await client.post("/api/auth/refresh", json={"refresh_token": tokens["refresh_token"]})
+    refreshed = await client.post(
+        "/api/auth/refresh", json={"refresh_token": tokens["refresh_token"]}
+    )
     assert refreshed.status_code == 200
     assert (
         await client.get("/api/me", headers={"Authorization": f"Bearer {tokens['refresh_token']}"})
@@ -138,9 +147,14 @@ async def test_tampered_and_foreign_tokens_are_rejected(
     tokens = (await login(client, alice.email)).json()
     header, payload, signature = tokens["access_token"].split(".")
     tampered = f"{header}.{payload}.{signature[:-2]}AA"
-    forged = jwt.encode({"sub": str(alice.user_id), "typ": "access", "exp": 9999999999, "iss": "heron"},
-                        "another-secret-that-is-long-enough-for-hs256", algorithm="HS256")
-    none_alg = jwt.encode({"sub": str(alice.user_id), "typ": "access", "iss": "heron"}, None, algorithm="none")
+    forged = jwt.encode(
+        {"sub": str(alice.user_id), "typ": "access", "exp": 9999999999, "iss": "heron"},
+        "another-secret-that-is-long-enough-for-hs256",
+        algorithm="HS256",
+    )
+    none_alg = jwt.encode(
+        {"sub": str(alice.user_id), "typ": "access", "iss": "heron"}, None, algorithm="none"
+    )
     for token in (tampered, forged, none_alg):
         r = await client.get("/api/me", headers={"Authorization": f"Bearer {token}"})
         assert r.status_code == 401
@@ -170,8 +184,9 @@ async def test_only_owners_and_admins_manage_members_and_keys(
     member = {"Authorization": f"Bearer {await key_for(db, alice, Role.member)}"}
     assert (await client.get("/api/keys", headers=member)).status_code == 403
     assert (await client.post("/api/keys", json={"name": "x"}, headers=member)).status_code == 403
-    r = await client.post("/api/members", json={"email": "m@example.com", "password": "12345678"},
-                          headers=member)
+    r = await client.post(
+        "/api/members", json={"email": "m@example.com", "password": "12345678"}, headers=member
+    )
     assert r.status_code == 403
 
     admin = {"Authorization": f"Bearer {await key_for(db, alice, Role.admin)}"}
@@ -179,8 +194,11 @@ async def test_only_owners_and_admins_manage_members_and_keys(
     # An admin cannot mint a key more powerful than itself, nor make owners.
     r = await client.post("/api/keys", json={"name": "x", "role": "owner"}, headers=admin)
     assert r.status_code == 403
-    r = await client.post("/api/members", json={"email": "o@example.com", "role": "owner",
-                                                 "password": "12345678"}, headers=admin)
+    r = await client.post(
+        "/api/members",
+        json={"email": "o@example.com", "role": "owner", "password": "12345678"},
+        headers=admin,
+    )
     assert r.status_code == 403
     r = await client.patch(f"/api/members/{alice.user_id}", json={"role": "member"}, headers=admin)
     assert r.status_code == 403
@@ -191,30 +209,52 @@ async def test_members_lifecycle_and_the_last_owner_stays(
 ) -> None:
     added = await client.post(
         "/api/members",
-        json={"email": "Carol@Example.com", "name": "Carol", "password": "carol-password", "role": "admin"},
+        json={
+            "email": "Carol@Example.com",
+            "name": "Carol",
+            "password": "carol-password",
+            "role": "admin",
+        },
         headers=alice.headers,
     )
     assert added.status_code == 201, added.text
     carol = added.json()
     assert carol["email"] == "carol@example.com"
-    dup = await client.post("/api/members", json={"email": "carol@example.com"}, headers=alice.headers)
+    dup = await client.post(
+        "/api/members", json={"email": "carol@example.com"}, headers=alice.headers
+    )
     assert dup.status_code == 409
-    missing = await client.post("/api/members", json={"email": "who@example.com"}, headers=alice.headers)
+    missing = await client.post(
+        "/api/members", json={"email": "who@example.com"}, headers=alice.headers
+    )
     assert missing.status_code == 422
 
     tokens = (await login(client, "carol@example.com", "carol-password")).json()
     assert tokens["workspaces"][0]["role"] == "admin"
 
-    r = await client.patch(f"/api/members/{alice.user_id}", json={"role": "admin"}, headers=alice.headers)
+    r = await client.patch(
+        f"/api/members/{alice.user_id}", json={"role": "admin"}, headers=alice.headers
+    )
     assert r.status_code == 409  # Alice is the only owner
-    assert (await client.delete(f"/api/members/{alice.user_id}", headers=alice.headers)).status_code == 409
-    r = await client.patch(f"/api/members/{carol['user_id']}", json={"role": "owner"}, headers=alice.headers)
+    assert (
+        await client.delete(f"/api/members/{alice.user_id}", headers=alice.headers)
+    ).status_code == 409
+    r = await client.patch(
+        f"/api/members/{carol['user_id']}", json={"role": "owner"}, headers=alice.headers
+    )
     assert r.json()["role"] == "owner"
-    r = await client.patch(f"/api/members/{alice.user_id}", json={"role": "viewer"}, headers=alice.headers)
+    r = await client.patch(
+        f"/api/members/{alice.user_id}", json={"role": "viewer"}, headers=alice.headers
+    )
     assert r.status_code == 200
     listed = (await client.get("/api/members", headers=alice.headers)).json()["items"]
-    assert {m["email"]: m["role"] for m in listed} == {alice.email: "viewer", "carol@example.com": "owner"}
-    assert (await client.delete(f"/api/members/{carol['user_id']}", headers=alice.headers)).status_code == 403
+    assert {m["email"]: m["role"] for m in listed} == {
+        alice.email: "viewer",
+        "carol@example.com": "owner",
+    }
+    assert (
+        await client.delete(f"/api/members/{carol['user_id']}", headers=alice.headers)
+    ).status_code == 403
 
 
 async def test_workspace_create_rename_delete(client: httpx.AsyncClient, alice: Tenant) -> None:
@@ -224,20 +264,29 @@ async def test_workspace_create_rename_delete(client: httpx.AsyncClient, alice: 
     assert workspace["role"] == "owner"
     tokens = (await login(client, alice.email)).json()
     auth = {"Authorization": f"Bearer {tokens['access_token']}", "Heron-Workspace": workspace["id"]}
-    renamed = await client.patch(f"/api/workspaces/{workspace['id']}", json={"name": "Lab 2"}, headers=auth)
+    renamed = await client.patch(
+        f"/api/workspaces/{workspace['id']}", json={"name": "Lab 2"}, headers=auth
+    )
     assert renamed.json()["name"] == "Lab 2"
     key = (await client.post("/api/keys", json={"name": "lab"}, headers=auth)).json()["key"]
-    assert (await client.delete(f"/api/workspaces/{workspace['id']}", headers=auth)).status_code == 204
+    assert (
+        await client.delete(f"/api/workspaces/{workspace['id']}", headers=auth)
+    ).status_code == 204
     assert (await client.get(f"/api/workspaces/{workspace['id']}", headers=auth)).status_code == 404
     # Its keys went with it.
-    assert (await client.get("/api/me", headers={"Authorization": f"Bearer {key}"})).status_code == 401
+    assert (
+        await client.get("/api/me", headers={"Authorization": f"Bearer {key}"})
+    ).status_code == 401
 
 
 async def test_concurrent_writes_on_one_workspace_all_land(
     client: httpx.AsyncClient, alice: Tenant
 ) -> None:
     responses = await asyncio.gather(
-        *(client.post("/api/keys", json={"name": f"k{i}"}, headers=alice.headers) for i in range(40)),
+        *(
+            client.post("/api/keys", json={"name": f"k{i}"}, headers=alice.headers)
+            for i in range(40)
+        ),
         *(client.get("/api/keys", headers=alice.headers) for _ in range(40)),
     )
     assert all(r.status_code in (200, 201) for r in responses), {r.status_code for r in responses}
@@ -253,8 +302,11 @@ async def test_a_second_tenant_is_made_independently(db: Database) -> None:
 async def test_a_key_acts_with_at_most_its_creators_current_role(
     client: httpx.AsyncClient, alice: Tenant
 ) -> None:
-    await client.post("/api/members", json={"email": "dan@example.com", "password": "dan-password",
-                                            "role": "admin"}, headers=alice.headers)
+    await client.post(
+        "/api/members",
+        json={"email": "dan@example.com", "password": "dan-password", "role": "admin"},
+        headers=alice.headers,
+    )
     dan_id = (await client.get("/api/members", headers=alice.headers)).json()["items"][1]["user_id"]
     tokens = (await login(client, "dan@example.com", "dan-password")).json()
     dan = {"Authorization": f"Bearer {tokens['access_token']}"}

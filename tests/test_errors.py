@@ -58,7 +58,9 @@ async def test_malformed_json_is_400(client: httpx.AsyncClient, alice: Tenant) -
 
 
 async def test_wrong_types_name_the_field(client: httpx.AsyncClient, alice: Tenant) -> None:
-    response = await client.post("/api/keys", json={"name": 5, "role": "king"}, headers=alice.headers)
+    response = await client.post(
+        "/api/keys", json={"name": 5, "role": "king"}, headers=alice.headers
+    )
     body = assert_problem(response, 422, "validation-error")
     locations = {tuple(e["loc"]) for e in body["errors"]}  # type: ignore[attr-defined]
     assert ("body", "name") in locations
@@ -117,12 +119,15 @@ async def test_bad_cursor_is_400(client: httpx.AsyncClient, alice: Tenant, curso
 
 
 async def test_bad_ids_and_limits_are_422(client: httpx.AsyncClient, alice: Tenant) -> None:
-    assert_problem(await client.get("/api/keys/not-a-uuid", headers=alice.headers), 422,
-                   "validation-error")
-    assert_problem(await client.get("/api/keys?limit=0", headers=alice.headers), 422,
-                   "validation-error")
-    assert_problem(await client.get("/api/keys?limit=1000", headers=alice.headers), 422,
-                   "validation-error")
+    assert_problem(
+        await client.get("/api/keys/not-a-uuid", headers=alice.headers), 422, "validation-error"
+    )
+    assert_problem(
+        await client.get("/api/keys?limit=0", headers=alice.headers), 422, "validation-error"
+    )
+    assert_problem(
+        await client.get("/api/keys?limit=1000", headers=alice.headers), 422, "validation-error"
+    )
 
 
 async def test_unhandled_error_is_500_without_a_stack_trace(settings) -> None:  # type: ignore[no-untyped-def]
@@ -152,7 +157,9 @@ async def test_request_id_is_taken_or_generated(client: httpx.AsyncClient) -> No
 async def test_body_limit_is_configurable(tmp_path, database_url) -> None:  # type: ignore[no-untyped-def]
     app = create_app(make_settings(tmp_path, database_url, max_body_bytes=2048))
     async with serve(app) as url, httpx.AsyncClient(base_url=url) as client:
-        response = await client.post("/api/auth/login", json={"email": "a@b.c", "password": "p" * 3000})
+        response = await client.post(
+            "/api/auth/login", json={"email": "a@b.c", "password": "p" * 3000}
+        )
     assert_problem(response, 413, "payload-too-large")
 
 
@@ -160,10 +167,14 @@ async def test_concurrent_bad_requests_leave_the_server_healthy(
     client: httpx.AsyncClient, alice: Tenant
 ) -> None:
     bad = [
-        client.post("/api/keys", content=b"{", headers={**alice.headers, "content-type": "application/json"})
+        client.post(
+            "/api/keys", content=b"{", headers={**alice.headers, "content-type": "application/json"}
+        )
         for _ in range(30)
     ]
-    good = [client.post("/api/keys", json={"name": f"k{i}"}, headers=alice.headers) for i in range(10)]
+    good = [
+        client.post("/api/keys", json={"name": f"k{i}"}, headers=alice.headers) for i in range(10)
+    ]
     results = await asyncio.gather(*bad, *good)
     assert all(r.status_code == 400 for r in results[:30])
     assert all(r.status_code == 201 for r in results[30:]), [r.text for r in results[30:]]

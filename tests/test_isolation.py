@@ -27,8 +27,11 @@ async def test_every_endpoint_hides_another_workspaces_resources(
     app: FastAPI, client: httpx.AsyncClient, alice: Tenant, bob: Tenant
 ) -> None:
     carol = (
-        await client.post("/api/members", json={"email": "carol@example.com", "password": "carol-pass1"},
-                          headers=alice.headers)
+        await client.post(
+            "/api/members",
+            json={"email": "carol@example.com", "password": "carol-pass1"},
+            headers=alice.headers,
+        )
     ).json()
     alice_key = (await client.post("/api/keys", json={"name": "a2"}, headers=alice.headers)).json()
     ids = {
@@ -39,7 +42,9 @@ async def test_every_endpoint_hides_another_workspaces_resources(
     bodies = {"PATCH": {"name": "stolen", "role": "viewer"}}
 
     bob_login = (
-        await client.post("/api/auth/login", json={"email": bob.email, "password": "correct horse battery"})
+        await client.post(
+            "/api/auth/login", json={"email": bob.email, "password": "correct horse battery"}
+        )
     ).json()
     bob_session = {"Authorization": f"Bearer {bob_login['access_token']}"}
 
@@ -58,17 +63,27 @@ async def test_every_endpoint_hides_another_workspaces_resources(
                 body = {"name": "stolen"}
             for headers in (bob.headers, bob_session):
                 response = await client.request(method, path, json=body, headers=headers)
-                assert response.status_code == 404, (method, path, response.status_code, response.text)
+                assert response.status_code == 404, (
+                    method,
+                    path,
+                    response.status_code,
+                    response.text,
+                )
                 assert response.headers["content-type"] == "application/problem+json"
             # Naming Alice's workspace in the header does not help Bob's session either.
             response = await client.request(
-                method, path, json=body, headers={**bob_session, "Heron-Workspace": ids["workspace_id"]}
+                method,
+                path,
+                json=body,
+                headers={**bob_session, "Heron-Workspace": ids["workspace_id"]},
             )
             assert response.status_code == 404, (method, path, response.text)
             walked.add((method, route.path))
 
     api_routes = {
-        (m, r.path) for r in app.routes if isinstance(r, APIRoute) and r.path.startswith("/api")
+        (m, r.path)
+        for r in app.routes
+        if isinstance(r, APIRoute) and r.path.startswith("/api")
         for m in r.methods
     }
     assert api_routes - UNSCOPED == walked, "an endpoint is not covered by the isolation walk"
@@ -89,7 +104,9 @@ async def test_every_endpoint_hides_another_workspaces_resources(
     assert key["name"] == "a2"
     member = (await client.get(f"/api/members/{carol['user_id']}", headers=alice.headers)).json()
     assert member["role"] == "member"
-    assert (await client.get("/api/me", headers={"Authorization": f"Bearer {alice_key['key']}"})).status_code == 200
+    assert (
+        await client.get("/api/me", headers={"Authorization": f"Bearer {alice_key['key']}"})
+    ).status_code == 200
 
 
 async def test_adding_a_user_of_another_workspace_does_not_leak_its_data(
@@ -101,4 +118,6 @@ async def test_adding_a_user_of_another_workspace_does_not_leak_its_data(
     assert added.json()["name"] == "Alice"
     listed = (await client.get("/api/members", headers=bob.headers)).json()["items"]
     assert str(alice.workspace_id) not in str(listed)
-    assert (await client.get(f"/api/workspaces/{alice.workspace_id}", headers=bob.headers)).status_code == 404
+    assert (
+        await client.get(f"/api/workspaces/{alice.workspace_id}", headers=bob.headers)
+    ).status_code == 404

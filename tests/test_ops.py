@@ -40,7 +40,9 @@ async def test_readyz_fails_when_the_database_goes_away(tmp_path, database_url) 
         assert "database" in response.json()["detail"]
 
 
-async def test_metrics_count_requests_by_route_template(client: httpx.AsyncClient, alice: Tenant) -> None:
+async def test_metrics_count_requests_by_route_template(
+    client: httpx.AsyncClient, alice: Tenant
+) -> None:
     key_id = (await client.get("/api/keys", headers=alice.headers)).json()["items"][0]["id"]
     await client.get(f"/api/keys/{key_id}", headers=alice.headers)
     await client.get("/api/definitely-unknown")
@@ -48,7 +50,10 @@ async def test_metrics_count_requests_by_route_template(client: httpx.AsyncClien
     assert 'heron_http_requests_total{method="GET",route="/api/keys/{key_id}",status="200"}' in text
     assert 'route="<unmatched>",status="404"' in text
     assert key_id not in text
-    assert 'heron_http_request_duration_seconds_bucket{le="0.005",method="GET",route="/api/keys"}' in text
+    assert (
+        'heron_http_request_duration_seconds_bucket{le="0.005",method="GET",route="/api/keys"}'
+        in text
+    )
 
 
 async def test_openapi_and_docs_are_served(client: httpx.AsyncClient) -> None:

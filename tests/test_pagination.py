@@ -34,7 +34,9 @@ async def test_exact_page_has_no_next_cursor(client: httpx.AsyncClient, alice: T
     assert page["next_cursor"] is None
 
 
-async def test_every_list_endpoint_uses_the_same_shape(client: httpx.AsyncClient, alice: Tenant) -> None:
+async def test_every_list_endpoint_uses_the_same_shape(
+    client: httpx.AsyncClient, alice: Tenant
+) -> None:
     for path in ("/api/workspaces", "/api/members", "/api/keys"):
         page = (await client.get(path, params={"limit": 1}, headers=alice.headers)).json()
         assert set(page) == {"items", "next_cursor"}, path

@@ -12,7 +12,9 @@ from heron.db.engine import Database
 
 
 async def test_api_key_bucket_answers_429_with_headers(tmp_path, database_url, scale_out) -> None:  # type: ignore[no-untyped-def]
-    app = create_app(make_settings(tmp_path, database_url, scale_out, api_burst=5, api_rate_per_second=0.5))
+    app = create_app(
+        make_settings(tmp_path, database_url, scale_out, api_burst=5, api_rate_per_second=0.5)
+    )
     async with serve(app) as url, httpx.AsyncClient(base_url=url) as client:
         alice = await make_tenant(app.state.db, "Alice", password=None)
         bob = await make_tenant(app.state.db, "Bob", password=None)
@@ -41,7 +43,9 @@ async def test_login_is_limited_per_client_address(tmp_path, database_url, scale
 
 @pytest.mark.skipif(BACKEND != "postgres", reason="limits shared across replicas need Redis")
 async def test_limits_hold_across_api_replicas(tmp_path, database_url, redis_url) -> None:  # type: ignore[no-untyped-def]
-    settings = make_settings(tmp_path, database_url, redis_url, api_burst=6, api_rate_per_second=0.1)
+    settings = make_settings(
+        tmp_path, database_url, redis_url, api_burst=6, api_rate_per_second=0.1
+    )
     one, two = create_app(settings), create_app(settings)
     async with serve(one) as url_one, serve(two) as url_two, httpx.AsyncClient() as client:
         alice = await make_tenant(one.state.db, "Alice", password=None)

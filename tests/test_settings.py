@@ -13,7 +13,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_configuration_docs_match_the_code() -> None:
     documented = (ROOT / "docs" / "configuration.md").read_text()
-    assert documented == render_configuration_docs(), "run `heron config docs --output docs/configuration.md`"
+    assert documented == render_configuration_docs(), (
+        "run `heron config docs --output docs/configuration.md`"
+    )
 
 
 @pytest.mark.parametrize(
@@ -28,7 +30,9 @@ def test_configuration_docs_match_the_code() -> None:
         ("HERON_SERVER_LOG_FORMAT", "xml"),
     ],
 )
-def test_invalid_settings_name_the_variable(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
+def test_invalid_settings_name_the_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
     monkeypatch.setenv(variable, value)
     with pytest.raises(SettingsError) as caught:
         load_settings()

@@ -58,7 +58,10 @@ def page_params(
 PageQuery = Annotated[PageParams, Depends(page_params)]
 
 
-def paginate_query(stmt: Select[Any], id_column: Any, params: PageParams) -> Select[Any]:
+SelectT = TypeVar("SelectT", bound=Select[*tuple[Any, ...]])
+
+
+def paginate_query(stmt: SelectT, id_column: Any, params: PageParams) -> SelectT:
     """Order by id and fetch one row more than asked, to know whether a next page exists."""
     if params.after is not None:
         stmt = stmt.where(id_column > params.after)

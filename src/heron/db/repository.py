@@ -28,7 +28,7 @@ class WorkspaceRepository(Generic[M]):
         self.session = session
         self.workspace_id = workspace_id
 
-    def select(self) -> Select[tuple[M]]:
+    def select(self) -> Select[M]:
         return select(self.model).where(self.model.workspace_id == self.workspace_id)
 
     async def get(self, id: uuid.UUID) -> M | None:

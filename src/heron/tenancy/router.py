@@ -30,7 +30,7 @@ from heron.tenancy.schemas import (
 router = APIRouter(
     prefix="/api",
     route_class=JsonRoute,
-    responses=problem_responses(400, 401, 403, 404, 413, 415, 422, 429),
+    responses=problem_responses(400, 401, 403, 404, 409, 413, 415, 422, 429),
 )
 
 
