@@ -46,3 +46,19 @@ def test_downgrade_to_nothing_and_back(database_url: str) -> None:
     migrate.upgrade(database_url, "head")
     assert asyncio.run(migrate.current_revision(database_url)) == migrate.head_revision()
     assert _diff(database_url) == []
+
+
+async def test_sqlite_runs_in_wal_mode_with_foreign_keys(database_url: str) -> None:
+    from sqlalchemy import text
+
+    from heron.db.engine import Database
+
+    if not database_url.startswith("sqlite"):
+        pytest.skip("SQLite only")
+    db = Database(database_url)
+    try:
+        async with db.session(write=False) as session:
+            assert (await session.scalar(text("PRAGMA journal_mode"))) == "wal"
+            assert (await session.scalar(text("PRAGMA foreign_keys"))) == 1
+    finally:
+        await db.dispose()

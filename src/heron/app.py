@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from heron import __version__
 from heron.auth.router import router as auth_router
 from heron.core.errors import PROBLEM_JSON, FieldError, Problem, install_error_handlers
+from heron.core.logging import configure_logging
 from heron.core.middleware import RequestContextMiddleware, SizeLimitMiddleware
 from heron.core.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from heron.core.security import TokenSigner, load_or_create_secret_key
@@ -53,7 +54,9 @@ async def check_schema(url: str) -> None:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or load_settings()
+    if settings is None:  # started by uvicorn as a factory: a worker process of its own
+        settings = load_settings()
+        configure_logging(settings.server.log_level, settings.server.log_format)
     secret_key = resolve_secret_key(settings)
 
     @asynccontextmanager
