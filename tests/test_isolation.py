@@ -17,6 +17,8 @@ UNSCOPED = {
     ("POST", "/api/members"),
     ("GET", "/api/keys"),
     ("POST", "/api/keys"),
+    ("GET", "/api/providers"),
+    ("POST", "/api/providers"),
     ("GET", "/api/me"),
     ("POST", "/api/auth/login"),
     ("POST", "/api/auth/refresh"),
@@ -34,10 +36,18 @@ async def test_every_endpoint_hides_another_workspaces_resources(
         )
     ).json()
     alice_key = (await client.post("/api/keys", json={"name": "a2"}, headers=alice.headers)).json()
+    alice_provider = (
+        await client.post(
+            "/api/providers",
+            json={"name": "alices-llm", "kind": "openai", "api_key": "sk-alice-0123456789"},
+            headers=alice.headers,
+        )
+    ).json()
     ids = {
         "workspace_id": str(alice.workspace_id),
         "user_id": carol["user_id"],
         "key_id": alice_key["id"],
+        "provider_id": alice_provider["id"],
     }
     bodies = {"PATCH": {"name": "stolen", "role": "viewer"}}
 
@@ -60,7 +70,7 @@ async def test_every_endpoint_hides_another_workspaces_resources(
             if method == "PATCH" and "/members/" in route.path:
                 body = {"role": "viewer"}
             elif method == "PATCH":
-                body = {"name": "stolen"}
+                body = {"name": "stolen"}  # valid for workspaces, keys and providers
             for headers in (bob.headers, bob_session):
                 response = await client.request(method, path, json=body, headers=headers)
                 assert response.status_code == 404, (
@@ -89,11 +99,12 @@ async def test_every_endpoint_hides_another_workspaces_resources(
     assert api_routes - UNSCOPED == walked, "an endpoint is not covered by the isolation walk"
 
     # Lists show Bob only his own things.
-    for path in ("/api/workspaces", "/api/members", "/api/keys"):
+    for path in ("/api/workspaces", "/api/members", "/api/keys", "/api/providers"):
         text = (await client.get(path, headers=bob.headers)).text
         assert str(alice.workspace_id) not in text
         assert carol["user_id"] not in text
         assert alice_key["id"] not in text
+        assert alice_provider["id"] not in text
         assert alice.email not in text
 
     # And Alice's things are untouched.
@@ -104,6 +115,11 @@ async def test_every_endpoint_hides_another_workspaces_resources(
     assert key["name"] == "a2"
     member = (await client.get(f"/api/members/{carol['user_id']}", headers=alice.headers)).json()
     assert member["role"] == "member"
+    provider = (
+        await client.get(f"/api/providers/{alice_provider['id']}", headers=alice.headers)
+    ).json()
+    assert provider["name"] == "alices-llm"
+    assert provider["models"] is None  # Bob's check reached nothing
     assert (
         await client.get("/api/me", headers={"Authorization": f"Bearer {alice_key['key']}"})
     ).status_code == 200

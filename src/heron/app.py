@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 
 from heron import __version__
 from heron.auth.router import router as auth_router
+from heron.core.crypto import SecretBox
 from heron.core.errors import PROBLEM_JSON, FieldError, Problem, install_error_handlers
 from heron.core.logging import configure_logging
 from heron.core.middleware import RequestContextMiddleware, SizeLimitMiddleware
@@ -21,6 +22,7 @@ from heron.core.security import TokenSigner, load_or_create_secret_key
 from heron.db import migrate
 from heron.db.engine import Database
 from heron.ops.router import router as ops_router
+from heron.providers.router import router as providers_router
 from heron.settings import Settings, SettingsError, load_settings
 from heron.tenancy.router import router as tenancy_router
 
@@ -93,6 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         access_seconds=settings.auth.access_token_seconds,
         refresh_seconds=settings.auth.refresh_token_seconds,
     )
+    app.state.secret_box = SecretBox(secret_key)
     install_error_handlers(app)
     app.add_middleware(
         SizeLimitMiddleware,
@@ -103,6 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ops_router)
     app.include_router(auth_router)
     app.include_router(tenancy_router)
+    app.include_router(providers_router)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

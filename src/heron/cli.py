@@ -34,9 +34,13 @@ app = typer.Typer(
 users_app = typer.Typer(help="Manage user accounts.", no_args_is_help=True)
 keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
 config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
+secrets_app = typer.Typer(
+    help="Manage the secret key and the secrets it encrypts.", no_args_is_help=True
+)
 app.add_typer(users_app, name="users")
 app.add_typer(keys_app, name="keys")
 app.add_typer(config_app, name="config")
+app.add_typer(secrets_app, name="secrets")
 
 
 class CliError(Exception):
@@ -385,6 +389,83 @@ def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key's id.")]) ->
         return f"revoked {key.name} ({key.prefix})"
 
     typer.echo(_with_session(settings, work))
+
+
+@secrets_app.command("rotate")
+def secrets_rotate(
+    new_key_stdin: Annotated[
+        bool,
+        typer.Option(
+            "--new-key-stdin",
+            help="Read the new key from standard input (otherwise a new one is generated).",
+        ),
+    ] = False,
+) -> None:
+    """Re-encrypt every stored secret with a new secret key, in one transaction.
+
+    Stop Heron first: a running server keeps using the old key until it restarts. Session tokens
+    are signed with a key derived from the same secret, so every user has to log in again;
+    API keys keep working.
+    """
+    settings = _settings()
+    _prepare_database(settings)
+
+    import secrets as random_secrets
+
+    from heron.app import resolve_secret_key
+    from heron.core.crypto import SecretBox, reencrypt_all
+    from heron.db.models import Base
+    from heron.settings import SettingsError
+
+    try:
+        current = resolve_secret_key(settings)
+    except SettingsError as exc:
+        fail(str(exc), 2)
+    if new_key_stdin:
+        new = sys.stdin.readline().strip()
+        if len(new) < 32:
+            fail("the new key must be at least 32 characters", 2)
+    else:
+        new = random_secrets.token_urlsafe(48)
+    if new == current:
+        fail("the new key is the current key", 2)
+
+    async def work(session: AsyncSession) -> int:
+        return await reencrypt_all(session, Base.metadata, SecretBox(current), SecretBox(new))
+
+    consequences = (
+        "Session tokens signed with the old key no longer work: users log in again. "
+        "API keys are not affected."
+    )
+    if settings.auth.secret_key is None:  # embedded: the key lives in $HERON_HOME/secret.key
+        path = settings.home / "secret.key"
+        staged = path.with_name("secret.key.new")
+        # The new key is on disk before any secret is encrypted with it, so a crash in between
+        # can't leave secrets that no key opens.
+        staged.unlink(missing_ok=True)
+        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(new + "\n")
+        try:
+            count = _with_session(settings, work)
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            raise
+        os.replace(staged, path)
+        typer.echo(
+            f"Re-encrypted {count} stored secrets; the new key is in {path}.\n"
+            f"Restart Heron to use it. {consequences}"
+        )
+        return
+    if not new_key_stdin:
+        # Shown before the secrets are rewritten, so the key can't be lost if this process dies.
+        typer.echo(f"New secret key (set it as HERON_SECRET_KEY):\n\n    {new}\n")
+    count = _with_session(settings, work)
+    typer.echo(
+        f"Re-encrypted {count} stored secrets with the new key. Set HERON_SECRET_KEY to it on "
+        f"every replica and restart them all; until then they can't read stored secrets. "
+        f"{consequences}"
+    )
 
 
 @config_app.command("docs")

@@ -1,0 +1,1 @@
+"""Provider connections: the credentials and endpoints a workspace's agents call models through."""

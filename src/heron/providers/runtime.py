@@ -1,0 +1,378 @@
+"""pydantic-ai models built from a workspace's provider connections.
+
+A model reference is `provider-name:model-name`, split on the first colon
+(`local-ollama:qwen3:8b` is model `qwen3:8b` of provider `local-ollama`). Each provider gets one
+HTTP client, owned by the `ModelRuntime` that made it and closed when the runtime closes; nothing
+is cached beyond a runtime's life.
+
+Transient failures are retried below the SDK, in the HTTP transport, by pydantic-ai's tenacity
+transport: 408, 429, 5xx and connection errors, with exponential backoff and jitter, honouring
+`Retry-After`. The SDKs' own retries are turned off (`max_retries=0`) so a request is never retried
+at two levels. What still fails after the retries moves a `FallbackModel` on to its next model
+when it is the provider's fault (5xx, timeouts, rate limits, unreachable) and not when the request
+itself was refused (400, 401, 404...).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from urllib.parse import urlsplit
+
+import httpx
+import httpx2
+from pydantic_ai.exceptions import (
+    ModelConnectionError,
+    ModelQuotaExceededError,
+    ModelRateLimitError,
+    ModelRequestTimeout,
+    ModelServerError,
+    ModelUnavailableError,
+)
+from pydantic_ai.messages import ModelResponse
+from pydantic_ai.models import Model, create_async_httpx2_client
+from pydantic_ai.models.fallback import FallbackModel
+from pydantic_ai.retries import (
+    AsyncHTTPX2TenacityTransport,
+    AsyncTenacityTransport,
+    RetryConfig,
+    wait_retry_after,
+)
+from pydantic_ai.settings import ModelSettings
+from tenacity import retry_if_exception, stop_after_attempt, wait_exponential_jitter
+
+from heron.core.errors import FieldError, ValidationFailed
+from heron.providers.connection import ProviderConnection
+from heron.providers.models import ProviderKind
+
+# Statuses worth sending the same request again for: the provider may answer differently soon.
+RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+
+# What moves a FallbackModel to its next model: the provider failed, not the request.
+PROVIDER_FAILURES: tuple[type[Exception], ...] = (
+    ModelServerError,  # 500, 502, 504 and other 5xx
+    ModelUnavailableError,  # 503, 529 (overloaded)
+    ModelRateLimitError,  # 429
+    ModelQuotaExceededError,  # 402, exhausted credits: another account may have some
+    ModelConnectionError,  # refused, reset, DNS, and transport timeouts (ModelTimeoutError)
+    ModelRequestTimeout,  # ModelSettings request deadlines
+)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How one HTTP request to a provider is retried; waits are in seconds."""
+
+    attempts: int = 4  # tries in all, the first included
+    initial_wait: float = 0.5
+    max_wait: float = 30.0
+    jitter: float = 1.0
+    max_retry_after: float = 120.0  # the longest `Retry-After` honoured
+    sleep: Callable[[float], Awaitable[None]] | None = None  # tests observe waits through it
+
+
+NO_RETRY = RetryPolicy(attempts=1)
+
+
+class UnknownModelReference(ValidationFailed):
+    """A model reference that is malformed or names no provider of the workspace."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    provider: str
+    model: str
+
+    @classmethod
+    def parse(cls, value: str, *, field: str = "model") -> ModelRef:
+        provider, colon, model = value.partition(":")
+        if not colon or not provider or not model:
+            raise _unknown(
+                field, f"{value!r} is not a model reference like `provider-name:model-name`."
+            )
+        return cls(provider, model)
+
+    def __str__(self) -> str:
+        return f"{self.provider}:{self.model}"
+
+
+class ModelRuntime:
+    """Builds models for one unit of work (a run, a check) and owns their HTTP clients.
+
+    ```python
+    async with ModelRuntime(connections) as runtime:
+        model = runtime.fallback_model("openai:gpt-4o", ["local-ollama:qwen3:8b"])
+        result = await Agent(model).run("Hello")
+        runtime.answered_by(result.response)  # ModelRef of whichever model answered
+    ```
+    """
+
+    def __init__(
+        self, connections: Iterable[ProviderConnection], *, retry: RetryPolicy = RetryPolicy()
+    ) -> None:
+        self._connections = {c.name: c for c in connections}
+        self._retry = retry
+        self._clients: dict[str, httpx2.AsyncClient | httpx.AsyncClient] = {}
+        self._built: list[tuple[ModelRef, Model]] = []
+
+    async def __aenter__(self) -> ModelRuntime:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.aclose()
+
+    def model(self, ref: str | ModelRef, *, field: str = "model") -> Model:
+        """The model a reference names. Raises UnknownModelReference naming `field`."""
+        if isinstance(ref, str):
+            ref = ModelRef.parse(ref, field=field)
+        connection = self._connections.get(ref.provider)
+        if connection is None:
+            raise _unknown(field, f"There is no provider named {ref.provider!r} in this workspace.")
+        model = self._build(connection, ref.model)
+        self._built.append((ref, model))
+        return model
+
+    def fallback_model(
+        self,
+        primary: str | ModelRef,
+        fallbacks: Sequence[str | ModelRef] = (),
+        *,
+        field: str = "model",
+        fallbacks_field: str = "fallback_models",
+    ) -> FallbackModel:
+        """`primary`, then each of `fallbacks` in turn when the one before failed by the
+        provider's fault (see PROVIDER_FAILURES); a refused request fails at once."""
+        models = [self.model(primary, field=field)]
+        models += [
+            self.model(ref, field=f"{fallbacks_field}.{i}") for i, ref in enumerate(fallbacks)
+        ]
+        return FallbackModel(*models, fallback_on=PROVIDER_FAILURES)
+
+    def answered_by(self, response: ModelResponse) -> ModelRef | None:
+        """Which of the models this runtime built produced `response`.
+
+        Told by the provider name and base URL pydantic-ai records on each response
+        (`provider_name`, `provider_url`); `response.model_name` is what the provider reports,
+        often a dated version of the name asked for.
+        """
+        matches = [
+            ref
+            for ref, model in self._built
+            if model.system == response.provider_name
+            and _same_url(model.base_url, response.provider_url)
+        ]
+        if len(matches) > 1 and response.model_name:
+            exact = [ref for ref in matches if response.model_name.startswith(ref.model)]
+            matches = exact or matches
+        return matches[0] if matches else None
+
+    # Building -----------------------------------------------------------------------------
+
+    def _build(self, connection: ProviderConnection, model_name: str) -> Model:
+        # Each kind's SDK is imported only when a model of that kind is built: they are large.
+        settings = ModelSettings(max_retries=0, timeout=connection.timeout_seconds)
+        kind, endpoint, key = connection.kind, connection.endpoint, connection.api_key
+        if kind in (ProviderKind.openai, ProviderKind.openai_compatible):
+            from pydantic_ai.models.openai import OpenAIChatModel
+            from pydantic_ai.providers.openai import OpenAIProvider
+            from pydantic_ai.providers.openai_compatible import OpenAICompatibleProvider
+
+            client = self._httpx2_client(connection)
+            if kind == ProviderKind.openai:
+                openai = OpenAIProvider(base_url=endpoint, api_key=key, http_client=client)
+                return OpenAIChatModel(model_name, provider=openai, settings=settings)
+            # Named after the connection, so responses say which connection answered.
+            compatible = OpenAICompatibleProvider(
+                connection.name, base_url=endpoint, api_key=key, http_client=client
+            )
+            return OpenAIChatModel(model_name, provider=compatible, settings=settings)
+        if kind == ProviderKind.openrouter:
+            from openai import AsyncOpenAI
+            from pydantic_ai.models.openrouter import OpenRouterModel
+            from pydantic_ai.providers.openrouter import OpenRouterProvider
+
+            # OpenRouterProvider takes no base URL; a client made here can have one.
+            openai_client = AsyncOpenAI(
+                base_url=endpoint, api_key=key, http_client=self._httpx2_client(connection)
+            )
+            router = OpenRouterProvider(openai_client=openai_client)
+            return OpenRouterModel(model_name, provider=router, settings=settings)
+        if kind == ProviderKind.anthropic:
+            from pydantic_ai.models.anthropic import AnthropicModel
+            from pydantic_ai.providers.anthropic import AnthropicProvider
+
+            anthropic = AnthropicProvider(
+                api_key=key, base_url=endpoint, http_client=self._httpx2_client(connection)
+            )
+            return AnthropicModel(model_name, provider=anthropic, settings=settings)
+        if kind == ProviderKind.google:
+            from pydantic_ai.models.google import GoogleModel
+            from pydantic_ai.providers.google import GoogleProvider
+
+            google = GoogleProvider(
+                api_key=key, base_url=endpoint, http_client=self._httpx2_client(connection)
+            )
+            return GoogleModel(model_name, provider=google, settings=settings)
+        if kind == ProviderKind.groq:
+            from pydantic_ai.models.groq import GroqModel
+            from pydantic_ai.providers.groq import GroqProvider
+
+            groq = GroqProvider(
+                api_key=key, base_url=endpoint, http_client=self._httpx_client(connection)
+            )
+            return GroqModel(model_name, provider=groq, settings=settings)
+        if kind == ProviderKind.mistral:
+            from pydantic_ai.models.mistral import MistralModel
+            from pydantic_ai.providers.mistral import MistralProvider
+
+            mistral = MistralProvider(
+                api_key=key, base_url=endpoint, http_client=self._httpx2_client(connection)
+            )
+            return MistralModel(model_name, provider=mistral, settings=settings)
+        raise AssertionError(f"unhandled provider kind {kind}")
+
+    def _httpx2_client(self, connection: ProviderConnection) -> httpx2.AsyncClient:
+        client = self._clients.get(connection.name)
+        if isinstance(client, httpx2.AsyncClient):
+            return client
+        transport: httpx2.AsyncBaseTransport = httpx2.AsyncHTTPTransport()
+        if self._retry.attempts > 1:
+            transport = AsyncHTTPX2TenacityTransport(
+                self._retry_config(httpx2.HTTPStatusError, httpx2.TransportError),
+                wrapped=_ReadRetryableBodies(transport),
+                validate_response=_raise_for_retryable_status,
+            )
+        # The URL comes from a workspace admin and may be private (Ollama on localhost):
+        # reaching it is the point of an openai-compatible connection, so nothing filters it.
+        client = create_async_httpx2_client(timeout=_timeout(connection), transport=transport)
+        client.headers.update(connection.headers)
+        self._clients[connection.name] = client
+        return client
+
+    def _httpx_client(self, connection: ProviderConnection) -> httpx.AsyncClient:
+        """The Groq SDK still takes a legacy `httpx` client, with pydantic-ai's legacy transport."""
+        client = self._clients.get(connection.name)
+        if isinstance(client, httpx.AsyncClient):
+            return client
+        transport: httpx.AsyncBaseTransport = httpx.AsyncHTTPTransport()
+        if self._retry.attempts > 1:
+            with warnings.catch_warnings():
+                # Deprecated with legacy httpx itself, which is all the groq SDK accepts.
+                warnings.simplefilter("ignore")
+                legacy: AsyncTenacityTransport = AsyncTenacityTransport(
+                    self._retry_config(httpx.HTTPStatusError, httpx.TransportError),
+                    wrapped=_ReadRetryableBodiesLegacy(transport),
+                    validate_response=_raise_for_retryable_status,
+                )
+            transport = legacy
+        t = connection.timeout_seconds
+        client = httpx.AsyncClient(
+            timeout=httpx.Timeout(t, connect=min(t, 10.0)),
+            transport=transport,
+            headers=connection.headers,
+        )
+        self._clients[connection.name] = client
+        return client
+
+    def _retry_config(self, *transient: type[Exception]) -> RetryConfig:
+        policy = self._retry
+
+        def is_transient(exc: BaseException) -> bool:
+            # validate_response raises HTTPStatusError only for RETRYABLE_STATUSES.
+            return isinstance(exc, transient)
+
+        config = RetryConfig(
+            retry=retry_if_exception(is_transient),
+            wait=wait_retry_after(
+                fallback_strategy=wait_exponential_jitter(
+                    initial=policy.initial_wait, max=policy.max_wait, jitter=policy.jitter
+                ),
+                max_wait=policy.max_retry_after,
+            ),
+            stop=stop_after_attempt(policy.attempts),
+            reraise=True,
+        )
+        if policy.sleep is not None:
+            config["sleep"] = policy.sleep
+        return config
+
+
+def _raise_for_retryable_status(response: httpx2.Response | httpx.Response) -> None:
+    if response.status_code in RETRYABLE_STATUSES:
+        response.raise_for_status()
+
+
+class _ReadRetryableBodies(httpx2.AsyncBaseTransport):
+    """Reads the body of a response that is about to be retried, so that when the retries run
+    out the error still carries the provider's own explanation."""
+
+    def __init__(self, wrapped: httpx2.AsyncBaseTransport) -> None:
+        self._wrapped = wrapped
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        response = await self._wrapped.handle_async_request(request)
+        if response.status_code in RETRYABLE_STATUSES:
+            await response.aread()
+        return response
+
+    async def aclose(self) -> None:
+        await self._wrapped.aclose()
+
+
+class _ReadRetryableBodiesLegacy(httpx.AsyncBaseTransport):
+    def __init__(self, wrapped: httpx.AsyncBaseTransport) -> None:
+        self._wrapped = wrapped
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self._wrapped.handle_async_request(request)
+        if response.status_code in RETRYABLE_STATUSES:
+            await response.aread()
+        return response
+
+    async def aclose(self) -> None:
+        await self._wrapped.aclose()
+
+
+def _timeout(connection: ProviderConnection) -> httpx2.Timeout:
+    seconds = connection.timeout_seconds
+    return httpx2.Timeout(seconds, connect=min(seconds, 10.0))
+
+
+def _same_url(a: str | None, b: str | None) -> bool:
+    def normal(url: str | None) -> tuple[str, str, int | None, str] | None:
+        if not url:
+            return None
+        parts = urlsplit(url)
+        return (parts.scheme, parts.hostname or "", parts.port, parts.path.rstrip("/"))
+
+    return normal(a) == normal(b)
+
+
+def _unknown(field: str, message: str) -> UnknownModelReference:
+    loc: list[str | int] = [int(p) if p.isdigit() else p for p in field.split(".")]
+    return UnknownModelReference(
+        f"{field}: {message}", errors=[FieldError(loc=loc, msg=message, type="model_reference")]
+    )
+
+
+__all__ = [
+    "NO_RETRY",
+    "PROVIDER_FAILURES",
+    "RETRYABLE_STATUSES",
+    "ModelRef",
+    "ModelRuntime",
+    "RetryPolicy",
+    "UnknownModelReference",
+]
