@@ -12,6 +12,7 @@ from fastapi.openapi.utils import get_openapi
 from redis.asyncio import Redis
 
 from heron import __version__
+from heron.agents.router import router as agents_router
 from heron.auth.router import router as auth_router
 from heron.core.crypto import SecretBox
 from heron.core.errors import PROBLEM_JSON, FieldError, Problem, install_error_handlers
@@ -107,6 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(auth_router)
     app.include_router(tenancy_router)
     app.include_router(providers_router)
+    app.include_router(agents_router)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

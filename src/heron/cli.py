@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, NoReturn, TypeVar
 import typer
 
 from heron import __version__
+from heron.agents.cli import app as agents_app
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -41,6 +42,7 @@ app.add_typer(users_app, name="users")
 app.add_typer(keys_app, name="keys")
 app.add_typer(config_app, name="config")
 app.add_typer(secrets_app, name="secrets")
+app.add_typer(agents_app, name="agents")
 
 
 class CliError(Exception):
@@ -128,15 +130,15 @@ def serve(
 
     settings = _settings(host=host, port=port, workers=workers)
     configure_logging(settings.server.log_level, settings.server.log_format)
-    _prepare_database(settings)
 
     from heron.app import create_app, resolve_secret_key
     from heron.settings import SettingsError
 
-    try:
+    try:  # before touching the database: a missing key is a settings error, reported first
         resolve_secret_key(settings)
     except SettingsError as exc:
         fail(str(exc), 2)
+    _prepare_database(settings)
     _announce_bootstrap(settings)
 
     import uvicorn

@@ -37,6 +37,8 @@ class Workspace(IdMixin, TimestampMixin, Base):
     __tablename__ = "workspaces"
 
     name: Mapped[str] = mapped_column(String(200))
+    # Lets tools such as http_fetch reach loopback and private addresses (off by default).
+    allow_private_network: Mapped[bool] = mapped_column(default=False)
 
 
 class User(IdMixin, TimestampMixin, Base):

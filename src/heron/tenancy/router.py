@@ -39,6 +39,7 @@ def _workspace_out(workspace: Workspace, role: Role) -> WorkspaceOut:
         id=workspace.id,
         name=workspace.name,
         role=role,
+        allow_private_network=workspace.allow_private_network,
         created_at=workspace.created_at,
         updated_at=workspace.updated_at,
     )
@@ -94,7 +95,11 @@ async def get_workspace(
     return _workspace_out(await service.get_workspace(session, workspace_id), role)
 
 
-@router.patch("/workspaces/{workspace_id}", tags=["workspaces"], summary="Rename a workspace")
+@router.patch(
+    "/workspaces/{workspace_id}",
+    tags=["workspaces"],
+    summary="Rename a workspace or change its settings",
+)
 async def update_workspace(
     session: DbSession, caller: CallerDep, workspace_id: uuid.UUID, body: WorkspaceUpdate
 ) -> WorkspaceOut:
@@ -102,7 +107,10 @@ async def update_workspace(
     if not role.at_least(Role.admin):
         raise Forbidden("Renaming a workspace needs the admin role or higher.")
     workspace = await service.get_workspace(session, workspace_id)
-    workspace.name = body.name
+    if body.name is not None:
+        workspace.name = body.name
+    if body.allow_private_network is not None:
+        workspace.allow_private_network = body.allow_private_network
     await session.flush()
     return _workspace_out(workspace, role)
 

@@ -20,13 +20,17 @@ class WorkspaceCreate(RequestModel):
 
 
 class WorkspaceUpdate(RequestModel):
-    name: Name
+    name: Name | None = None
+    allow_private_network: bool | None = Field(
+        None, description="Let tools reach loopback and private network addresses."
+    )
 
 
 class WorkspaceOut(ResponseModel):
     id: uuid.UUID
     name: str
     role: Role = Field(description="The caller's role in this workspace.")
+    allow_private_network: bool
     created_at: datetime
     updated_at: datetime
 
