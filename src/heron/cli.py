@@ -16,6 +16,7 @@ import typer
 
 from heron import __version__
 from heron.agents.cli import app as agents_app
+from heron.providers.cli import app as providers_app
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -43,6 +44,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(config_app, name="config")
 app.add_typer(secrets_app, name="secrets")
 app.add_typer(agents_app, name="agents")
+app.add_typer(providers_app, name="providers")
 
 
 class CliError(Exception):
