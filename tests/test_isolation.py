@@ -21,6 +21,9 @@ UNSCOPED = {
     ("GET", "/api/agents"),
     ("POST", "/api/agents"),
     ("POST", "/api/agents/import"),
+    ("GET", "/api/threads"),
+    ("POST", "/api/threads"),
+    ("GET", "/api/usage"),
     ("GET", "/api/me"),
     ("POST", "/api/auth/login"),
     ("POST", "/api/auth/refresh"),
@@ -53,7 +56,22 @@ async def test_every_endpoint_hides_another_workspaces_resources(
         )
     ).json()
     await client.post(f"/api/agents/{alice_agent['id']}/publish", headers=alice.headers)
+    alice_thread = (
+        await client.post(
+            "/api/threads", json={"metadata": {"owner": "alice"}}, headers=alice.headers
+        )
+    ).json()
+    alice_run = (
+        await client.post(
+            f"/api/threads/{alice_thread['id']}/runs",
+            json={"agent": "alices-agent", "input": "hello"},
+            headers=alice.headers,
+        )
+    ).json()
+    await client.post(f"/api/runs/{alice_run['id']}/cancel", headers=alice.headers)
     ids = {
+        "thread_id": alice_thread["id"],
+        "run_id": alice_run["id"],
         "agent_id": alice_agent["id"],
         "number": "1",
         "a": "1",
@@ -85,7 +103,11 @@ async def test_every_endpoint_hides_another_workspaces_resources(
     for method, template in sorted(api_routes - UNSCOPED):
         path = template.format(**ids)
         body = bodies.get(method)
-        if method == "PATCH" and "/members/" in template:
+        if template.endswith(("/runs", "/runs/wait")):
+            body = {"agent": "alices-agent", "input": "steal"}
+        elif template.endswith("/resume"):
+            body = {"decisions": [{"tool_call_id": "x", "approve": True}]}
+        elif method == "PATCH" and "/members/" in template:
             body = {"role": "viewer"}
         elif method == "PATCH":
             body = {"name": "stolen"}  # valid for workspaces, keys and providers
@@ -111,13 +133,23 @@ async def test_every_endpoint_hides_another_workspaces_resources(
     assert api_routes - UNSCOPED == walked, "an endpoint is not covered by the isolation walk"
 
     # Lists show Bob only his own things.
-    for path in ("/api/workspaces", "/api/members", "/api/keys", "/api/providers", "/api/agents"):
+    for path in (
+        "/api/workspaces",
+        "/api/members",
+        "/api/keys",
+        "/api/providers",
+        "/api/agents",
+        "/api/threads",
+        "/api/usage?group_by=agent",
+    ):
         text = (await client.get(path, headers=bob.headers)).text
         assert str(alice.workspace_id) not in text
         assert carol["user_id"] not in text
         assert alice_key["id"] not in text
         assert alice_provider["id"] not in text
         assert alice_agent["id"] not in text
+        assert alice_thread["id"] not in text
+        assert "alices-agent" not in text
         assert alice.email not in text
 
     # And Alice's things are untouched.
@@ -137,6 +169,12 @@ async def test_every_endpoint_hides_another_workspaces_resources(
     assert agent["name"] == "alices-agent"
     assert agent["latest_version"] == 1
     assert agent["archived_at"] is None
+    run = (await client.get(f"/api/runs/{alice_run['id']}", headers=alice.headers)).json()
+    assert run["status"] == "cancelled"
+    messages = await client.get(
+        f"/api/threads/{alice_thread['id']}/messages", headers=alice.headers
+    )
+    assert messages.status_code == 200
     assert (
         await client.get("/api/me", headers={"Authorization": f"Bearer {alice_key['key']}"})
     ).status_code == 200

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -24,6 +26,9 @@ from heron.db import migrate
 from heron.db.engine import Database
 from heron.ops.router import router as ops_router
 from heron.providers.router import router as providers_router
+from heron.runs.events import MemoryEventLog
+from heron.runs.executor import RunContext, RunExecutor
+from heron.runs.router import router as runs_router
 from heron.settings import Settings, SettingsError, load_settings
 from heron.tenancy.router import router as tenancy_router
 
@@ -75,10 +80,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.db = db
         app.state.redis = redis
         app.state.rate_limiter = limiter
-        log.info("started", database=db.url.get_backend_name(), redis=redis is not None)
+        executor = RunExecutor(
+            RunContext(
+                db,
+                MemoryEventLog(),
+                app.state.secret_box,
+                owner=f"{socket.gethostname()}:{os.getpid()}",
+                run_timeout=settings.runs.timeout_seconds,
+            ),
+            max_concurrency=settings.runs.max_concurrency,
+            per_workspace=settings.runs.per_workspace_concurrency,
+        )
+        app.state.executor = executor
+        recovered = await executor.recover()
+        log.info(
+            "started",
+            database=db.url.get_backend_name(),
+            redis=redis is not None,
+            runs_recovered=recovered,
+        )
         try:
             yield
         finally:
+            await executor.close()
             await limiter.close()
             if redis is not None:
                 await redis.aclose()
@@ -109,6 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(tenancy_router)
     app.include_router(providers_router)
     app.include_router(agents_router)
+    app.include_router(runs_router)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -197,6 +197,25 @@ class LimitsSettings(BaseSettings):
     )
 
 
+class RunsSettings(BaseSettings):
+    """Executing agent runs."""
+
+    model_config = _config("HERON_RUNS_")
+
+    max_concurrency: Annotated[int, Field(ge=1, le=10_000)] = Field(
+        256, description="Runs executing at once in one process (more wait, queued)."
+    )
+    per_workspace_concurrency: Annotated[int, Field(ge=1, le=10_000)] = Field(
+        32, description="Runs of one workspace executing at once (more wait, queued)."
+    )
+    timeout_seconds: Annotated[float, Field(gt=0, le=7 * 86400)] = Field(
+        3600.0, description="A run still going after this long fails with `timeout`."
+    )
+    keepalive_seconds: Annotated[float, Field(gt=0, le=300)] = Field(
+        15.0, description="An event stream with nothing to say sends a comment this often."
+    )
+
+
 class Settings(BaseSettings):
     """All of Heron's settings."""
 
@@ -208,6 +227,7 @@ class Settings(BaseSettings):
         "storage": StorageSettings,
         "auth": AuthSettings,
         "limits": LimitsSettings,
+        "runs": RunsSettings,
     }
 
     home: Path = Field(
@@ -220,6 +240,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    runs: RunsSettings = Field(default_factory=RunsSettings)
 
     @field_validator("home")
     @classmethod

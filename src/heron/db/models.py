@@ -3,6 +3,22 @@
 from heron.agents.models import Agent, AgentVersion
 from heron.db.base import Base
 from heron.providers.models import Provider
+from heron.runs.models import Run, RunEvent, Step
 from heron.tenancy.models import ApiKey, Membership, User, Workspace
+from heron.threads.models import Message, Thread
 
-__all__ = ["Agent", "AgentVersion", "ApiKey", "Base", "Membership", "Provider", "User", "Workspace"]
+__all__ = [
+    "Agent",
+    "AgentVersion",
+    "ApiKey",
+    "Base",
+    "Membership",
+    "Message",
+    "Provider",
+    "Run",
+    "RunEvent",
+    "Step",
+    "Thread",
+    "User",
+    "Workspace",
+]

@@ -3,7 +3,8 @@ returns and before the response is sent, rolled back on any error."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import inspect
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -23,6 +24,22 @@ def is_write_request(request: Request) -> bool:
     return request.method not in _READ_METHODS
 
 
+def after_commit(session: AsyncSession, callback: Callable[[], object]) -> None:
+    """Run `callback` once the request's transaction has committed (never on a rollback): how
+    work is handed to a queue without a worker ever looking for rows that aren't there."""
+    session.info.setdefault("after_commit", []).append(callback)
+
+
+async def commit_now(session: AsyncSession) -> None:
+    """Commit before the request ends (a handler that must wait on the work it queued), and
+    hand the work over."""
+    await session.commit()
+    for callback in session.info.pop("after_commit", []):
+        result = callback()
+        if inspect.isawaitable(result):
+            await result
+
+
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
     session = get_database(request).session(write=is_write_request(request))
     try:
@@ -32,7 +49,12 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
         await session.rollback()
         raise
     finally:
+        callbacks = session.info.pop("after_commit", [])
         await session.close()
+    for callback in callbacks:
+        result = callback()
+        if inspect.isawaitable(result):
+            await result
 
 
 # scope="function": the commit happens before the response goes out, so a failed commit is

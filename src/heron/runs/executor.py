@@ -1,0 +1,737 @@
+"""Executing runs: the agent loop of pydantic-ai, with every completed step persisted.
+
+`execute_run` owns one run from claim to end. After each model answer and each batch of tool
+results it writes, in one transaction, the new messages, the step records, the usage and the
+events so far, and renews its lease; so a run whose process died continues from its last
+completed step, and a completed tool call is never executed twice.
+
+`RunExecutor` is the embedded job queue: runs execute as asyncio tasks of this process, within a
+global and a per-workspace concurrency limit; a thread's runs execute one at a time, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import jsonschema
+import structlog
+from pydantic_ai import (
+    Agent,
+    DeferredToolRequests,
+    DeferredToolResults,
+    FunctionToolCallEvent,
+    FunctionToolResultEvent,
+    FunctionToolset,
+    ModelMessage,
+    ModelRequest,
+    ModelResponse,
+    ModelRetry,
+    PartDeltaEvent,
+    PartStartEvent,
+    StructuredDict,
+    TextPart,
+    TextPartDelta,
+    ToolApproved,
+    ToolDenied,
+    ToolFailed,
+    UsageLimits,
+    UserPromptPart,
+)
+from pydantic_ai.capabilities import Hooks
+from pydantic_ai.exceptions import (
+    AgentRunError,
+    FallbackExceptionGroup,
+    ModelAPIError,
+    UsageLimitExceeded,
+)
+from pydantic_ai.settings import ModelSettings
+from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from heron.agents.spec import AgentSpec, render_instructions
+from heron.core.crypto import SecretBox
+from heron.core.errors import HeronError
+from heron.core.ids import new_id, utcnow
+from heron.db.engine import Database
+from heron.providers import service as providers
+from heron.providers.runtime import ModelRuntime
+from heron.runs import conversation
+from heron.runs.events import EventLog
+from heron.runs.models import Run, RunEvent, RunStatus, Step
+from heron.tenancy.models import Workspace
+from heron.threads.models import Message
+from heron.threads.repository import MessageRepository
+from heron.tools.registry import ToolContext, default_registry
+from heron.tools.toolset import agent_tool
+
+log = structlog.get_logger("heron.runs")
+LEASE = timedelta(seconds=30)
+
+
+class RunFailure(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """A message row as stored: its id, its run, and pydantic-ai's form of it."""
+
+    id: uuid.UUID
+    run_id: uuid.UUID | None
+    raw: dict[str, Any]
+
+
+@dataclass
+class _Progress:
+    """What one execution has produced and not yet written."""
+
+    run: Run
+    seq: int
+    stored: list[_Stored] = field(default_factory=list)
+    events: list[RunEvent] = field(default_factory=list)
+    steps: list[Step] = field(default_factory=list)
+    step_index: int = 0
+
+
+class RunContext:
+    """Everything an execution needs from the process: database, event log, secrets."""
+
+    def __init__(
+        self,
+        db: Database,
+        events: EventLog,
+        box: SecretBox,
+        *,
+        owner: str,
+        run_timeout: float,
+    ) -> None:
+        self.db = db
+        self.events = events
+        self.box = box
+        self.owner = owner
+        self.run_timeout = run_timeout
+        # Set while the process stops: cancelled tasks then leave their runs to be continued
+        # (by this process' next start, or another worker once the lease lapses).
+        self.stopping = False
+
+
+async def _emit(
+    ctx: RunContext, progress: _Progress, type: str, data: dict[str, Any], *, live: bool = True
+) -> None:
+    progress.seq += 1
+    if live:
+        await ctx.events.append(progress.run.id, progress.seq, type, data)
+    progress.events.append(
+        RunEvent(
+            workspace_id=progress.run.workspace_id,
+            run_id=progress.run.id,
+            seq=progress.seq,
+            type=type,
+            data=data,
+        )
+    )
+
+
+async def _checkpoint(
+    ctx: RunContext,
+    progress: _Progress,
+    messages: list[ModelMessage] | None,
+    **run_values: Any,
+) -> None:
+    """Write what happened since the last checkpoint, in one transaction, and renew the lease.
+    `messages` is the whole conversation as the run sees it; None leaves the stored one as is."""
+    run = progress.run
+    if messages is None:
+        async with ctx.db.session(write=True) as session, session.begin():
+            await _write_progress(session, progress, run_values)
+        progress.events, progress.steps = [], []
+        return
+    # pydantic-ai repairs the history it is given (it merges adjacent requests, for one), so
+    # the stored conversation is brought in line with the run's: the rows from the first
+    # difference on are replaced. Usually that is just the messages added since last time.
+    dumps = [conversation.dump(m) for m in messages]
+    first = 0
+    while (
+        first < len(dumps)
+        and first < len(progress.stored)
+        and progress.stored[first].raw == dumps[first]
+    ):
+        first += 1
+    replaced = progress.stored[first:]
+    async with ctx.db.session(write=True) as session, session.begin():
+        repo = MessageRepository(session, run.workspace_id)
+        if replaced:
+            await repo.delete_ids([r.id for r in replaced])
+        seq = await repo.next_seq(run.thread_id)
+        kept = progress.stored[:first]
+        for offset, (message, raw) in enumerate(zip(messages[first:], dumps[first:], strict=True)):
+            role, parts = conversation.api_view(message)
+            owner = replaced[offset].run_id if offset < len(replaced) else run.id
+            row = repo.add(
+                Message(
+                    id=new_id(),  # known now, not at flush: the next checkpoint may replace it
+                    thread_id=run.thread_id,
+                    run_id=owner,
+                    seq=seq + offset,
+                    role=role,
+                    parts=parts,
+                    raw=raw,
+                )
+            )
+            kept.append(_Stored(row.id, owner, raw))
+        await _write_progress(session, progress, run_values)
+    progress.stored = kept
+    progress.events, progress.steps = [], []
+
+
+async def _steps_done(ctx: RunContext, run: Run) -> int:
+    async with ctx.db.session(write=False) as session:
+        count = await session.scalar(
+            select(func.count())
+            .select_from(Step)
+            .where(Step.workspace_id == run.workspace_id, Step.run_id == run.id)
+        )
+        return int(count or 0)
+
+
+# Event ids of an execution that takes over a run start at the next multiple of this: events
+# the lost execution streamed but never persisted had ids below it, so a client resuming with
+# any id it saw gets every event of the new execution exactly once (`run.started` carries the
+# attempt, telling it to drop the partial output it had).
+EPOCH = 1_000_000
+
+
+async def _write_progress(
+    session: AsyncSession, progress: _Progress, run_values: dict[str, Any]
+) -> None:
+    """Steps and events since the last checkpoint, the run's new values, a renewed lease."""
+    run = progress.run
+    session.add_all(progress.steps)
+    session.add_all(progress.events)
+    values = {"last_event_seq": progress.seq, "lease_expires_at": utcnow() + LEASE, **run_values}
+    await session.execute(
+        update(Run).where(Run.id == run.id, Run.workspace_id == run.workspace_id).values(**values)
+    )
+
+
+async def _claim(ctx: RunContext, run_id: uuid.UUID) -> tuple[Run, bool] | None:
+    """Take a queued run (or one whose lease lapsed) for this process; True when taken over
+    from an execution that stopped mid-way."""
+    now = utcnow()
+    async with ctx.db.session(write=True) as session, session.begin():
+        run = await session.scalar(select(Run).where(Run.id == run_id).with_for_update())
+        if run is None:
+            return None
+        claimable = run.status == RunStatus.queued or (
+            run.status == RunStatus.running
+            and (
+                run.lease_expires_at is None
+                or run.lease_expires_at < now
+                or run.lease_owner == ctx.owner
+            )
+        )
+        if not claimable:
+            return None
+        earlier_active = await session.scalar(
+            select(Run.id)
+            .where(
+                Run.thread_id == run.thread_id,
+                Run.id < run.id,
+                Run.status.in_([RunStatus.queued, RunStatus.running, RunStatus.requires_action]),
+            )
+            .limit(1)
+        )
+        if earlier_active is not None:
+            return None  # a thread's runs go one at a time, in order
+        if run.attempts == 0:
+            # The user's message joins the thread when the run starts, not when it was
+            # queued: an enqueued run's message follows the answer to the run before it.
+            messages = MessageRepository(session, run.workspace_id)
+            prompt = ModelRequest(parts=[UserPromptPart(content=run.input[0]["text"])])
+            role, parts = conversation.api_view(prompt)
+            messages.add(
+                Message(
+                    thread_id=run.thread_id,
+                    run_id=run.id,
+                    seq=await messages.next_seq(run.thread_id),
+                    role=role,
+                    parts=parts,
+                    raw=conversation.dump(prompt),
+                )
+            )
+        taken_over = run.status == RunStatus.running
+        if taken_over:
+            run.last_event_seq = (run.last_event_seq // EPOCH + 1) * EPOCH
+        run.status = RunStatus.running
+        run.started_at = run.started_at or now
+        run.lease_owner = ctx.owner
+        run.lease_expires_at = now + LEASE
+        run.attempts += 1
+        await session.flush()
+        session.expunge(run)
+        return run, taken_over
+
+
+async def execute_run(ctx: RunContext, run_id: uuid.UUID) -> RunStatus | None:
+    """Execute a run until it ends or pauses. Returns its status, or None if not claimable."""
+    claimed = await _claim(ctx, run_id)
+    if claimed is None:
+        return None
+    run, taken_over = claimed
+    progress = _Progress(run=run, seq=run.last_event_seq, step_index=await _steps_done(ctx, run))
+    bound = structlog.get_logger("heron.runs").bind(run_id=str(run.id))
+    if run.attempts == 1 and run.last_event_seq == 0:
+        await _emit(ctx, progress, "run.queued", {"run_id": str(run.id)})
+    await _emit(
+        ctx,
+        progress,
+        "run.started",
+        {"run_id": str(run.id), "attempt": run.attempts, "resumed_after_interruption": taken_over},
+    )
+    messages: list[ModelMessage] = []
+    try:
+        async with asyncio.timeout(ctx.run_timeout):
+            status, values, messages = await _loop(ctx, progress)
+    except asyncio.CancelledError:
+        if ctx.stopping:
+            raise
+        await _finish(ctx, progress, messages, RunStatus.cancelled, "run.cancelled", {})
+        return RunStatus.cancelled
+    except TimeoutError:
+        await _fail(
+            ctx, progress, messages, "timeout", f"The run took longer than {ctx.run_timeout:g} s."
+        )
+        return RunStatus.failed
+    except RunFailure as failure:
+        await _fail(ctx, progress, messages, failure.code, failure.message)
+        return RunStatus.failed
+    bound.info("run_ended", status=status.value)
+    event = "run.completed" if status == RunStatus.completed else "approval.required"
+    await _finish(ctx, progress, messages, status, event, values)
+    return status
+
+
+async def _fail(
+    ctx: RunContext, progress: _Progress, messages: list[ModelMessage], code: str, message: str
+) -> None:
+    await _finish(
+        ctx,
+        progress,
+        messages,
+        RunStatus.failed,
+        "run.failed",
+        {"error_code": code, "error_message": message},
+    )
+
+
+async def _finish(
+    ctx: RunContext,
+    progress: _Progress,
+    messages: list[ModelMessage],
+    status: RunStatus,
+    event: str,
+    values: dict[str, Any],
+) -> None:
+    run = progress.run
+    data: dict[str, Any] = {"run_id": str(run.id), "status": status.value}
+    if status == RunStatus.completed:
+        data |= {"output": values.get("output"), "usage": _usage(values, run)}
+    elif status == RunStatus.requires_action:
+        data |= {"pending": values.get("pending_approvals")}
+    elif status == RunStatus.failed:
+        data |= {"error_code": values["error_code"], "error_message": values["error_message"]}
+    # A run that ends early keeps what its completed steps wrote, nothing of the step it was
+    # in; one that completes or pauses writes the conversation as it ends.
+    complete = messages if status in (RunStatus.completed, RunStatus.requires_action) else None
+    # The final state is committed before anyone hears of it, so a client that reads the run
+    # after the event sees the state the event announced. Shielded: a cancelled run still
+    # records its end.
+    await _emit(ctx, progress, event, data, live=False)
+    seq = progress.seq
+    ended = {"ended_at": utcnow()} if status.is_final else {}
+    await asyncio.shield(
+        _checkpoint(
+            ctx,
+            progress,
+            complete,
+            status=status,
+            lease_owner=None,
+            lease_expires_at=None,
+            **ended,
+            **values,
+        )
+    )
+    await ctx.events.append(run.id, seq, event, data)
+
+
+def _usage(values: dict[str, Any], run: Run) -> dict[str, int]:
+    return {
+        "input_tokens": values.get("input_tokens", run.input_tokens),
+        "output_tokens": values.get("output_tokens", run.output_tokens),
+    }
+
+
+async def _load(ctx: RunContext, progress: _Progress) -> tuple[list[ModelMessage], Workspace]:
+    run = progress.run
+    async with ctx.db.session(write=False) as session:
+        rows = await MessageRepository(session, run.workspace_id).history(run.thread_id)
+        workspace = await session.get(Workspace, run.workspace_id)
+        assert workspace is not None
+    progress.stored = [_Stored(m.id, m.run_id, m.raw) for m in rows]
+    return conversation.load([m.raw for m in rows]), workspace
+
+
+async def _loop(
+    ctx: RunContext, progress: _Progress
+) -> tuple[RunStatus, dict[str, Any], list[ModelMessage]]:
+    run = progress.run
+    spec = AgentSpec.model_validate(run.spec)
+    history, workspace = await _load(ctx, progress)
+    deferred = _decisions(run)
+    if deferred is None:
+        history, deferred = conversation.prepare_resume(history)
+    instructions = render_instructions(spec, run.variables)
+
+    async with ctx.db.session(write=False) as session:
+        connections = await providers.connections(
+            session,
+            run.workspace_id,
+            ctx.box,
+            {ref.split(":", 1)[0] for ref in [spec.model, *spec.fallbacks]},
+        )
+    tool_ctx = ToolContext.for_workspace(
+        run.workspace_id, allow_private_network=workspace.allow_private_network
+    )
+    registry = default_registry()
+    tools = []
+    for name in spec.tools:
+        tool = agent_tool(registry.get(name), tool_ctx)
+        tool.requires_approval = spec.approval.get(name) == "always"
+        tools.append(tool)
+    output_type: list[Any] = [
+        StructuredDict(spec.output_schema) if spec.output_schema else str,
+        DeferredToolRequests,
+    ]
+    agent: Agent[None, Any] = Agent(
+        output_type=output_type,
+        toolsets=[FunctionToolset(tools)],
+        capabilities=[Hooks(tool_execute_error=_tool_error_to_result)],
+    )
+    if spec.output_schema:
+        schema = spec.output_schema
+
+        @agent.output_validator
+        def _matches_schema(output: Any) -> Any:
+            if isinstance(output, dict):
+                try:
+                    jsonschema.validate(output, schema)
+                except jsonschema.ValidationError as exc:
+                    raise ModelRetry(
+                        f"The answer does not match the schema: {exc.message}"
+                    ) from None
+            return output
+
+    settings = ModelSettings(**spec.model_settings.model_dump(exclude_none=True))  # type: ignore[typeddict-item]
+    rounds = 0
+    input_tokens, output_tokens = run.input_tokens, run.output_tokens
+    tool_started: dict[str, float] = {}
+    messages: list[ModelMessage] = list(history)
+    async with ModelRuntime(connections) as runtime:
+        try:
+            model = runtime.fallback_model(spec.model, spec.fallbacks, fallbacks_field="fallbacks")
+        except HeronError as exc:
+            raise RunFailure("model_unavailable", exc.detail) from None
+        try:
+            async with agent.iter(
+                None,
+                model=model,
+                message_history=history,
+                instructions=instructions,
+                model_settings=settings,
+                deferred_tool_results=deferred,
+                usage_limits=UsageLimits(request_limit=None),
+            ) as agent_run:
+                async for node in agent_run:
+                    if Agent.is_model_request_node(node):
+                        # The request carries the results of the tool calls just made: they are
+                        # written before the model is asked again, so a crash from here on
+                        # never runs those tools twice.
+                        messages = [*agent_run.all_messages(), node.request]
+                        await _checkpoint(ctx, progress, messages)
+                        started = time.perf_counter()
+                        begun = utcnow()
+                        await _emit(
+                            ctx,
+                            progress,
+                            "step.started",
+                            {"kind": "model", "index": progress.step_index},
+                        )
+                        async with node.stream(agent_run.ctx) as stream:
+                            async for event in stream:
+                                text = _text_delta(event)
+                                if text:
+                                    await _emit(ctx, progress, "message.delta", {"text": text})
+                        messages = list(agent_run.all_messages())
+                        response = messages[-1]
+                        assert isinstance(response, ModelResponse)
+                        answered = runtime.answered_by(response)
+                        model_name = (
+                            str(answered) if answered else (response.model_name or spec.model)
+                        )
+                        input_tokens += response.usage.input_tokens
+                        output_tokens += response.usage.output_tokens
+                        progress.steps.append(
+                            Step(
+                                workspace_id=run.workspace_id,
+                                run_id=run.id,
+                                index=progress.step_index,
+                                kind="model",
+                                name=model_name,
+                                started_at=begun,
+                                duration_ms=(time.perf_counter() - started) * 1000,
+                                input_tokens=response.usage.input_tokens,
+                                output_tokens=response.usage.output_tokens,
+                            )
+                        )
+                        progress.step_index += 1
+                        _, parts = conversation.api_view(response)
+                        await _emit(
+                            ctx,
+                            progress,
+                            "message.completed",
+                            {"role": "assistant", "parts": parts, "model": model_name},
+                        )
+                        await _checkpoint(
+                            ctx,
+                            progress,
+                            messages,
+                            input_tokens=input_tokens,
+                            output_tokens=output_tokens,
+                            model=model_name,
+                        )
+                    elif Agent.is_call_tools_node(node):
+                        if node.model_response.tool_calls:
+                            if rounds >= spec.max_steps:
+                                raise RunFailure(
+                                    "max_steps",
+                                    f"The agent reached its limit of {spec.max_steps} "
+                                    "tool-call rounds.",
+                                )
+                            rounds += 1
+                        async with node.stream(agent_run.ctx) as events:
+                            async for event in events:
+                                await _tool_event(ctx, progress, event, tool_started)
+                    elif Agent.is_end_node(node):
+                        messages = list(agent_run.all_messages())
+        except UsageLimitExceeded as exc:
+            raise RunFailure("limit_exceeded", str(exc)) from None
+        except (ModelAPIError, FallbackExceptionGroup) as exc:
+            raise RunFailure("model_unavailable", _describe(exc)) from None
+        except AgentRunError as exc:
+            raise RunFailure("model_error", _describe(exc)) from None
+        output = agent_run.result.output if agent_run.result else None
+    values: dict[str, Any] = {"input_tokens": input_tokens, "output_tokens": output_tokens}
+    if isinstance(output, DeferredToolRequests):
+        pending = [
+            {"tool_call_id": c.tool_call_id, "name": c.tool_name, "arguments": c.args_as_dict()}
+            for c in output.approvals
+        ]
+        return RunStatus.requires_action, values | {"pending_approvals": pending}, messages
+    return RunStatus.completed, values | {"output": output, "pending_approvals": None}, messages
+
+
+def _text_delta(event: Any) -> str | None:
+    if isinstance(event, PartStartEvent) and isinstance(event.part, TextPart):
+        return event.part.content or None
+    if isinstance(event, PartDeltaEvent) and isinstance(event.delta, TextPartDelta):
+        return event.delta.content_delta or None
+    return None
+
+
+async def _tool_event(
+    ctx: RunContext, progress: _Progress, event: Any, started: dict[str, float]
+) -> None:
+    if isinstance(event, FunctionToolCallEvent):
+        started[event.tool_call_id] = time.perf_counter()
+        await _emit(
+            ctx,
+            progress,
+            "tool_call.started",
+            {
+                "id": event.tool_call_id,
+                "name": event.part.tool_name,
+                "arguments": event.part.args_as_dict(),
+            },
+        )
+    elif isinstance(event, FunctionToolResultEvent):
+        part = event.part
+        began = started.pop(event.tool_call_id, time.perf_counter())
+        failed = getattr(part, "outcome", "success") not in ("success", None)
+        content = (
+            part.model_response_str() if hasattr(part, "model_response_str") else str(part.content)
+        )
+        progress.steps.append(
+            Step(
+                workspace_id=progress.run.workspace_id,
+                run_id=progress.run.id,
+                index=progress.step_index,
+                kind="tool",
+                name=part.tool_name or "",
+                tool_call_id=event.tool_call_id,
+                started_at=utcnow(),
+                duration_ms=(time.perf_counter() - began) * 1000,
+                error=content if failed else None,
+            )
+        )
+        progress.step_index += 1
+        key = "error" if failed else "result"
+        await _emit(
+            ctx,
+            progress,
+            "tool_call.completed",
+            {"id": event.tool_call_id, "name": part.tool_name, key: content},
+        )
+
+
+async def _tool_error_to_result(
+    ctx: Any, *, call: Any, tool_def: Any, args: Any, error: Exception
+) -> Any:
+    raise ToolFailed(f"{type(error).__name__}: {error}")
+
+
+def _decisions(run: Run) -> DeferredToolResults | None:
+    """Approval decisions given with `resume`, as pydantic-ai takes them."""
+    decided = [p for p in run.pending_approvals or [] if "approve" in p]
+    if not decided:
+        return None
+    approvals: dict[str, bool | ToolApproved | ToolDenied] = {}
+    for p in decided:
+        if not p["approve"]:
+            approvals[p["tool_call_id"]] = ToolDenied(
+                p.get("reason") or "A human denied this call."
+            )
+        elif p.get("override_arguments") is not None:
+            approvals[p["tool_call_id"]] = ToolApproved(override_args=p["override_arguments"])
+        else:
+            approvals[p["tool_call_id"]] = True
+    return DeferredToolResults(approvals=approvals)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, BaseExceptionGroup):  # every model of a fallback chain failed
+        return "; ".join(_describe(e) for e in exc.exceptions)[:1000]
+    return (str(exc) or type(exc).__name__)[:1000]
+
+
+class RunExecutor:
+    """The embedded job queue: runs as tasks of this process, bounded globally and per
+    workspace."""
+
+    def __init__(self, ctx: RunContext, *, max_concurrency: int, per_workspace: int) -> None:
+        self.ctx = ctx
+        self._max = max_concurrency
+        self._per_workspace = per_workspace
+        self._waiting: deque[tuple[uuid.UUID, uuid.UUID]] = deque()
+        self._running: dict[uuid.UUID, tuple[uuid.UUID, asyncio.Task[Any]]] = {}
+        self._closed = False
+
+    def submit(self, run_id: uuid.UUID, workspace_id: uuid.UUID) -> None:
+        if self._closed or run_id in self._running or (run_id, workspace_id) in self._waiting:
+            return
+        self._waiting.append((run_id, workspace_id))
+        self._pump()
+
+    async def announce(self, run_id: uuid.UUID, seq: int, type: str, data: dict[str, Any]) -> None:
+        """Publish an event recorded outside an execution (a cancelled queued run) live."""
+        await self.ctx.events.append(run_id, seq, type, data)
+
+    def is_local(self, run_id: uuid.UUID) -> bool:
+        """Whether this process executes the run (or will, once a slot frees)."""
+        return run_id in self._running or any(r == run_id for r, _ in self._waiting)
+
+    def cancel(self, run_id: uuid.UUID) -> bool:
+        entry = self._running.get(run_id)
+        if entry is None:
+            return False
+        entry[1].cancel()
+        return True
+
+    def _pump(self) -> None:
+        busy: dict[uuid.UUID, int] = {}
+        for workspace_id, _ in self._running.values():
+            busy[workspace_id] = busy.get(workspace_id, 0) + 1
+        kept: deque[tuple[uuid.UUID, uuid.UUID]] = deque()
+        while self._waiting and len(self._running) < self._max:
+            run_id, workspace_id = self._waiting.popleft()
+            if busy.get(workspace_id, 0) >= self._per_workspace:
+                kept.append((run_id, workspace_id))
+                continue
+            busy[workspace_id] = busy.get(workspace_id, 0) + 1
+            task = asyncio.create_task(self._execute(run_id), name=f"run-{run_id}")
+            self._running[run_id] = (workspace_id, task)
+        self._waiting.extendleft(reversed(kept))
+
+    async def _execute(self, run_id: uuid.UUID) -> None:
+        try:
+            status = await execute_run(self.ctx, run_id)
+            if status is not None and status.is_final:
+                await self._wake_next_of_thread(run_id)
+        except Exception:
+            log.exception("run_crashed", run_id=str(run_id))
+        finally:
+            self._running.pop(run_id, None)
+            if not self._closed:
+                self._pump()
+
+    async def _wake_next_of_thread(self, run_id: uuid.UUID) -> None:
+        async with self.ctx.db.session(write=False) as session:
+            run = await session.get(Run, run_id)
+            if run is None:
+                return
+            nxt = await session.scalar(
+                select(Run)
+                .where(
+                    Run.thread_id == run.thread_id,
+                    Run.status == RunStatus.queued,
+                )
+                .order_by(Run.id)
+                .limit(1)
+            )
+            if nxt is not None:
+                self.submit(nxt.id, nxt.workspace_id)
+
+    async def recover(self) -> int:
+        """Take up runs that were queued or running when the process stopped."""
+        async with self.ctx.db.session(write=False) as session:
+            rows = (
+                await session.execute(
+                    select(Run.id, Run.workspace_id)
+                    .where(Run.status.in_([RunStatus.queued, RunStatus.running]))
+                    .order_by(Run.id)
+                )
+            ).all()
+        for run_id, workspace_id in rows:
+            self.submit(run_id, workspace_id)
+        return len(rows)
+
+    async def close(self) -> None:
+        """Stop: cancel local runs' tasks without recording a cancellation, so the next start
+        continues them from their last completed step."""
+        self._closed = True
+        self.ctx.stopping = True
+        tasks = [task for _, task in self._running.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+__all__ = ["RunContext", "RunExecutor", "execute_run"]

@@ -1,0 +1,279 @@
+"""Runs: creation (with the double-texting policies), cancellation, approvals, usage.
+
+The service decides; work is handed to the job queue only after the request's transaction
+commits (`after_commit`), so a worker never looks for a run that isn't there yet.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import date, datetime
+from typing import Any, Literal
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from heron.agents.references import check_references
+from heron.agents.service import AgentRepository, VersionRepository
+from heron.agents.spec import AgentSpec, render_instructions
+from heron.core.auth import Principal
+from heron.core.errors import Conflict, NotFound, ValidationFailed
+from heron.core.ids import utcnow
+from heron.core.pagination import PageParams
+from heron.db.repository import WorkspaceRepository
+from heron.db.session import after_commit
+from heron.runs.models import Run, RunEvent, RunStatus, Step
+from heron.runs.schemas import Approval, OnActiveRun, RunCreate
+from heron.threads.models import Thread
+from heron.threads.repository import MessageRepository, ThreadRepository
+
+ACTIVE = (RunStatus.queued, RunStatus.running, RunStatus.requires_action)
+
+
+class RunRepository(WorkspaceRepository[Run]):
+    model = Run
+    noun = "run"
+
+    async def of_thread(self, thread_id: uuid.UUID, params: PageParams) -> Sequence[Run]:
+        return await self.page(params, Run.thread_id == thread_id)
+
+    async def active_on(self, thread_id: uuid.UUID) -> Sequence[Run]:
+        return (
+            await self.session.scalars(
+                self.select()
+                .where(Run.thread_id == thread_id, Run.status.in_(ACTIVE))
+                .order_by(Run.id)
+            )
+        ).all()
+
+    async def steps(self, run_id: uuid.UUID) -> Sequence[Step]:
+        return (
+            await self.session.scalars(
+                select(Step)
+                .where(Step.workspace_id == self.workspace_id, Step.run_id == run_id)
+                .order_by(Step.index)
+            )
+        ).all()
+
+    async def events_after(self, run_id: uuid.UUID, seq: int) -> Sequence[RunEvent]:
+        return (
+            await self.session.scalars(
+                select(RunEvent)
+                .where(
+                    RunEvent.workspace_id == self.workspace_id,
+                    RunEvent.run_id == run_id,
+                    RunEvent.seq > seq,
+                )
+                .order_by(RunEvent.seq)
+            )
+        ).all()
+
+
+async def create_run(
+    session: AsyncSession,
+    principal: Principal,
+    thread_id: uuid.UUID,
+    body: RunCreate,
+    executor: Any,
+) -> Run:
+    thread = await ThreadRepository(session, principal.workspace_id).get_or_404(thread_id)
+    agents = AgentRepository(session, principal.workspace_id)
+    agent = await agents.by_id_or_name(body.agent)
+    version, spec = await _pinned_spec(
+        session, principal.workspace_id, agent.id, agent.draft, agent.latest_version, body.version
+    )
+    await check_references(session, principal.workspace_id, spec)
+    render_instructions(spec, body.variables)  # a missing variable is a 422 now, not a failed run
+    runs = RunRepository(session, principal.workspace_id)
+    active = await runs.active_on(thread.id)
+    if active:
+        await _handle_active(session, principal, executor, active, body.on_active_run)
+    text = body.input if isinstance(body.input, str) else "\n".join(p.text for p in body.input)
+    run = runs.add(
+        Run(
+            thread_id=thread.id,
+            agent_id=agent.id,
+            agent_version=version,
+            spec=spec.model_dump(mode="json"),
+            status=RunStatus.queued,
+            input=[{"type": "text", "text": text}],
+            variables=body.variables,
+        )
+    )
+    thread.updated_at = utcnow()
+    await session.flush()
+    after_commit(session, lambda: executor.submit(run.id, run.workspace_id))
+    return run
+
+
+async def _pinned_spec(
+    session: AsyncSession,
+    workspace_id: uuid.UUID,
+    agent_id: uuid.UUID,
+    draft: dict[str, Any],
+    latest: int,
+    wanted: int | Literal["draft"] | None,
+) -> tuple[int | None, AgentSpec]:
+    if wanted == "draft":
+        return None, AgentSpec.model_validate(draft)
+    number = wanted or latest
+    if not number:
+        raise ValidationFailed(
+            "version: the agent has no published version; publish it or run the `draft`."
+        )
+    version = await VersionRepository(session, workspace_id).number(agent_id, number)
+    return number, AgentSpec.model_validate(version.spec)
+
+
+async def _handle_active(
+    session: AsyncSession,
+    principal: Principal,
+    executor: Any,
+    active: Sequence[Run],
+    policy: OnActiveRun,
+) -> None:
+    if policy == "reject":
+        raise Conflict(
+            f"The thread has an active run ({active[0].id}); wait, cancel it, or pass "
+            "on_active_run=enqueue|interrupt|rollback."
+        )
+    if policy == "enqueue":
+        return
+    for run in active:
+        await cancel_run(session, principal, run.id, executor)
+        if policy == "rollback":
+            await MessageRepository(session, principal.workspace_id).delete_of_run(run.id)
+            await session.delete(run)
+    await session.flush()
+
+
+async def cancel_run(
+    session: AsyncSession, principal: Principal, run_id: uuid.UUID, executor: Any
+) -> Run:
+    run = await RunRepository(session, principal.workspace_id).get_or_404(run_id)
+    if run.status.is_final:
+        return run
+    run.cancel_requested_at = utcnow()
+    if run.status == RunStatus.running:
+        # The executing task records the cancellation itself, once its work has stopped.
+        after_commit(session, lambda: executor.cancel(run.id))
+        return run
+    run.status = RunStatus.cancelled
+    run.ended_at = utcnow()
+    run.last_event_seq += 1
+    session.add(
+        RunEvent(
+            workspace_id=run.workspace_id,
+            run_id=run.id,
+            seq=run.last_event_seq,
+            type="run.cancelled",
+            data={"run_id": str(run.id), "status": "cancelled"},
+        )
+    )
+    seq = run.last_event_seq
+    after_commit(
+        session,
+        lambda: executor.announce(
+            run.id, seq, "run.cancelled", {"run_id": str(run.id), "status": "cancelled"}
+        ),
+    )
+    await session.flush()
+    return run
+
+
+async def resume_run(
+    session: AsyncSession,
+    principal: Principal,
+    run_id: uuid.UUID,
+    decisions: list[Approval],
+    executor: Any,
+) -> Run:
+    run = await RunRepository(session, principal.workspace_id).get_or_404(run_id)
+    if run.status != RunStatus.requires_action:
+        raise Conflict(
+            f"The run is {run.status.value}; only a run that requires action can resume."
+        )
+    pending = {p["tool_call_id"]: p for p in run.pending_approvals or []}
+    given = {d.tool_call_id: d for d in decisions}
+    unknown = sorted(set(given) - set(pending))
+    missing = sorted(set(pending) - set(given))
+    if unknown or missing:
+        raise ValidationFailed(
+            "decisions: "
+            + "; ".join(
+                [f"not pending: {', '.join(unknown)}"] * bool(unknown)
+                + [f"no decision for: {', '.join(missing)}"] * bool(missing)
+            )
+        )
+    run.pending_approvals = [
+        {
+            **pending[call_id],
+            "approve": d.approve,
+            "reason": d.reason,
+            "override_arguments": d.arguments,
+        }
+        for call_id, d in given.items()
+    ]
+    run.status = RunStatus.queued
+    await session.flush()
+    after_commit(session, lambda: executor.submit(run.id, run.workspace_id))
+    return run
+
+
+async def usage(
+    session: AsyncSession,
+    workspace_id: uuid.UUID,
+    group_by: Literal["day", "agent", "model"],
+    start: datetime | None,
+    end: datetime | None,
+) -> list[dict[str, Any]]:
+    from heron.agents.models import Agent
+
+    key: Any
+    if group_by == "day":
+        dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
+        utc = func.timezone("UTC", Step.started_at) if dialect == "postgresql" else Step.started_at
+        key = func.date(utc)
+    elif group_by == "model":
+        key = Step.name
+    else:
+        key = Agent.name
+    stmt = (
+        select(
+            key.label("key"),
+            func.count(func.distinct(Step.run_id)),
+            func.count(Step.id),
+            func.coalesce(func.sum(Step.input_tokens), 0),
+            func.coalesce(func.sum(Step.output_tokens), 0),
+        )
+        .join(Run, Run.id == Step.run_id)
+        .join(Agent, Agent.id == Run.agent_id)
+        .where(Step.workspace_id == workspace_id, Step.kind == "model")
+        .group_by(key)
+        .order_by(key)
+    )
+    if start is not None:
+        stmt = stmt.where(Step.started_at >= start)
+    if end is not None:
+        stmt = stmt.where(Step.started_at < end)
+    rows = (await session.execute(stmt)).all()
+    return [
+        {
+            "key": k.isoformat() if isinstance(k, date) else str(k),
+            "runs": int(r),
+            "steps": int(s),
+            "input_tokens": int(i),
+            "output_tokens": int(o),
+        }
+        for k, r, s, i, o in rows
+    ]
+
+
+async def get_thread_or_404(
+    session: AsyncSession, workspace_id: uuid.UUID, thread_id: uuid.UUID
+) -> Thread:
+    return await ThreadRepository(session, workspace_id).get_or_404(thread_id)
+
+
+__all__ = ["NotFound", "RunRepository", "cancel_run", "create_run", "resume_run", "usage"]
