@@ -763,3 +763,27 @@ async def test_failed_and_cancelled_runs_keep_the_earlier_conversation(
     # (pydantic-ai joins the failed run's unanswered prompt and the next one into one request)
     texts = [p["text"] for m in messages["items"] for p in m["parts"]]
     assert texts == ["one", "first answer", "two", "three"]
+
+
+async def test_deleting_an_agent_with_runs_archives_it(
+    client: httpx.AsyncClient, alice: Tenant, llm: tuple[FakeOpenAI, str]
+) -> None:
+    _, url = llm
+    agent = await make_agent(client, alice, url)
+    thread = await new_thread(client, alice)
+    run = (
+        await client.post(
+            f"/api/threads/{thread}/runs/wait",
+            json={"agent": "helper", "input": "hi"},
+            headers=alice.headers,
+        )
+    ).json()
+    assert (
+        await client.delete(f"/api/agents/{agent['id']}", headers=alice.headers)
+    ).status_code == 204
+    kept = (await client.get(f"/api/agents/{agent['id']}", headers=alice.headers)).json()
+    assert kept["archived_at"] is not None
+    assert (await client.get(f"/api/runs/{run['id']}", headers=alice.headers)).json()[
+        "agent_id"
+    ] == agent["id"]
+    assert (await client.get("/api/agents", headers=alice.headers)).json()["items"] == []

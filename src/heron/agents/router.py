@@ -132,10 +132,13 @@ async def update_agent(
     return agent_out(await service.update_agent(session, principal, agent_id, changes))
 
 
-@router.delete("/{agent_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete an agent")
+@router.delete(
+    "/{agent_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Delete an agent (one that has runs is archived instead)",
+)
 async def delete_agent(session: DbSession, principal: Writer, agent_id: uuid.UUID) -> None:
-    repo = AgentRepository(session, principal.workspace_id)
-    await repo.delete(await repo.get_or_404(agent_id))
+    await service.delete_or_archive(session, principal, agent_id)
 
 
 @router.post("/{agent_id}/archive", summary="Archive an agent (hidden from lists, kept)")

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import ValidationError
-from sqlalchemy import ColumnElement
+from sqlalchemy import ColumnElement, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -221,6 +221,27 @@ async def set_archived(
         agent.archived_at = None
     await session.flush()
     return agent
+
+
+async def delete_or_archive(
+    session: AsyncSession, principal: Principal, agent_id: uuid.UUID
+) -> None:
+    """Delete the agent, or archive it when runs refer to it: their history keeps its
+    meaning (which agent, which version) and stays readable."""
+    from heron.runs.models import Run
+
+    agents = AgentRepository(session, principal.workspace_id)
+    agent = await agents.get_or_404(agent_id)
+    has_runs = await session.scalar(
+        select(Run.id)
+        .where(Run.workspace_id == principal.workspace_id, Run.agent_id == agent.id)
+        .limit(1)
+    )
+    if has_runs is None:
+        await agents.delete(agent)
+    elif agent.archived_at is None:
+        agent.archived_at = utcnow()
+    await session.flush()
 
 
 # Export and import -----------------------------------------------------------------------------
