@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -27,7 +25,7 @@ from heron.db.engine import Database
 from heron.ops.router import router as ops_router
 from heron.providers.router import router as providers_router
 from heron.runs.events import MemoryEventLog
-from heron.runs.executor import RunContext, RunExecutor
+from heron.runs.executor import RunContext, RunExecutor, owner_id
 from heron.runs.router import router as runs_router
 from heron.settings import Settings, SettingsError, load_settings
 from heron.tenancy.router import router as tenancy_router
@@ -85,7 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 db,
                 MemoryEventLog(),
                 app.state.secret_box,
-                owner=f"{socket.gethostname()}:{os.getpid()}",
+                owner=owner_id(),
                 run_timeout=settings.runs.timeout_seconds,
             ),
             max_concurrency=settings.runs.max_concurrency,
@@ -93,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         app.state.executor = executor
         recovered = await executor.recover()
+        executor.start()
         log.info(
             "started",
             database=db.url.get_backend_name(),

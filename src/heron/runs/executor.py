@@ -12,6 +12,8 @@ global and a per-workspace concurrency limit; a thread's runs execute one at a t
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import time
 import uuid
 from collections import deque
@@ -52,6 +54,7 @@ from pydantic_ai.exceptions import (
 )
 from pydantic_ai.settings import ModelSettings
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from heron.agents.spec import AgentSpec, render_instructions
@@ -210,6 +213,27 @@ async def _steps_done(ctx: RunContext, run: Run) -> int:
 EPOCH = 1_000_000
 
 
+def owner_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _owner_is_gone(owner: str | None) -> bool:
+    """A lease held by a process of this machine that no longer exists (it was killed): the run
+    is taken over at once instead of when the lease lapses."""
+    if not owner or ":" not in owner:
+        return False
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 async def _write_progress(
     session: AsyncSession, progress: _Progress, run_values: dict[str, Any]
 ) -> None:
@@ -237,8 +261,10 @@ async def _claim(ctx: RunContext, run_id: uuid.UUID) -> tuple[Run, bool] | None:
                 run.lease_expires_at is None
                 or run.lease_expires_at < now
                 or run.lease_owner == ctx.owner
+                or _owner_is_gone(run.lease_owner)
             )
         )
+
         if not claimable:
             return None
         earlier_active = await session.scalar(
@@ -298,6 +324,7 @@ async def execute_run(ctx: RunContext, run_id: uuid.UUID) -> RunStatus | None:
         {"run_id": str(run.id), "attempt": run.attempts, "resumed_after_interruption": taken_over},
     )
     messages: list[ModelMessage] = []
+    heartbeat = asyncio.create_task(_heartbeat(ctx, run), name=f"lease-{run.id}")
     try:
         async with asyncio.timeout(ctx.run_timeout):
             status, values, messages = await _loop(ctx, progress)
@@ -314,10 +341,24 @@ async def execute_run(ctx: RunContext, run_id: uuid.UUID) -> RunStatus | None:
     except RunFailure as failure:
         await _fail(ctx, progress, messages, failure.code, failure.message)
         return RunStatus.failed
+    finally:
+        heartbeat.cancel()
     bound.info("run_ended", status=status.value)
     event = "run.completed" if status == RunStatus.completed else "approval.required"
     await _finish(ctx, progress, messages, status, event, values)
     return status
+
+
+async def _heartbeat(ctx: RunContext, run: Run) -> None:
+    """Keep the lease while the run executes, however long one step takes."""
+    while True:
+        await asyncio.sleep(LEASE.total_seconds() / 3)
+        async with ctx.db.session(write=True) as session, session.begin():
+            await session.execute(
+                update(Run)
+                .where(Run.id == run.id, Run.lease_owner == ctx.owner)
+                .values(lease_expires_at=utcnow() + LEASE)
+            )
 
 
 async def _fail(
@@ -643,6 +684,7 @@ class RunExecutor:
         self._waiting: deque[tuple[uuid.UUID, uuid.UUID]] = deque()
         self._running: dict[uuid.UUID, tuple[uuid.UUID, asyncio.Task[Any]]] = {}
         self._closed = False
+        self._sweeper: asyncio.Task[None] | None = None
 
     def submit(self, run_id: uuid.UUID, workspace_id: uuid.UUID) -> None:
         if self._closed or run_id in self._running or (run_id, workspace_id) in self._waiting:
@@ -709,25 +751,44 @@ class RunExecutor:
             if nxt is not None:
                 self.submit(nxt.id, nxt.workspace_id)
 
-    async def recover(self) -> int:
+    def start(self, sweep_seconds: float = 2.0) -> None:
+        """Begin looking, every `sweep_seconds`, for runs nobody is executing: queued ones and
+        running ones whose executor's lease lapsed (its process died)."""
+        self._sweeper = asyncio.create_task(self._sweep(sweep_seconds), name="run-sweeper")
+
+    async def _sweep(self, every: float) -> None:
+        while not self._closed:
+            await asyncio.sleep(every)
+            try:
+                await self.recover(stale_only=True)
+            except (OSError, SQLAlchemyError) as exc:  # the database is away: try again later
+                log.warning("run_sweep_failed", error=str(exc))
+
+    async def recover(self, *, stale_only: bool = False) -> int:
         """Take up runs that were queued or running when the process stopped."""
+        now = utcnow()
+        stmt = select(Run.id, Run.workspace_id, Run.status, Run.lease_owner, Run.lease_expires_at)
+        stmt = stmt.where(Run.status.in_([RunStatus.queued, RunStatus.running])).order_by(Run.id)
         async with self.ctx.db.session(write=False) as session:
-            rows = (
-                await session.execute(
-                    select(Run.id, Run.workspace_id)
-                    .where(Run.status.in_([RunStatus.queued, RunStatus.running]))
-                    .order_by(Run.id)
-                )
-            ).all()
-        for run_id, workspace_id in rows:
+            rows = (await session.execute(stmt)).all()
+        taken = 0
+        for run_id, workspace_id, status, owner, expires in rows:
+            if self.is_local(run_id):
+                continue
+            lapsed = expires is None or expires < now or _owner_is_gone(owner)
+            if status == RunStatus.running and stale_only and not lapsed:
+                continue
             self.submit(run_id, workspace_id)
-        return len(rows)
+            taken += 1
+        return taken
 
     async def close(self) -> None:
         """Stop: cancel local runs' tasks without recording a cancellation, so the next start
         continues them from their last completed step."""
         self._closed = True
         self.ctx.stopping = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         tasks = [task for _, task in self._running.values()]
         for task in tasks:
             task.cancel()

@@ -1,0 +1,138 @@
+"""A `heron serve` killed with SIGKILL mid-run: the next start continues the run from its last
+completed step, and no completed tool call runs again."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import TEST_SECRET
+from fakes.openai_server import FakeOpenAI, Reply, ToolCall
+from test_cli import Heron, Server
+
+
+@pytest.fixture
+def heron(tmp_path: Path) -> Iterator[Heron]:
+    runner = Heron(tmp_path)
+    try:
+        yield runner
+    finally:
+        runner.close()
+
+
+@pytest.fixture
+async def llm() -> AsyncIterator[tuple[FakeOpenAI, str]]:
+    fake = FakeOpenAI(api_key="sk-crash-test-0123456789", models=["small"])
+    async with fake.serve() as url:
+        yield fake, url
+
+
+async def started(heron: Heron, env: dict[str, str]) -> tuple[Server, httpx.AsyncClient]:
+    """Start `heron serve` without blocking the event loop the fake model server runs on."""
+    server = heron.start(env)
+    client = httpx.AsyncClient(base_url=server.url, timeout=30, trust_env=False)
+    for _ in range(600):
+        assert server.proc.poll() is None, server.stderr
+        try:
+            if (await client.get("/healthz")).status_code == 200:
+                return server, client
+        except httpx.TransportError:
+            pass
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"heron serve did not become ready:\n{server.stderr}")
+
+
+async def test_sigkill_mid_run_then_restart_completes_it_once(
+    heron: Heron, llm: tuple[FakeOpenAI, str], database_url: str, scale_out: str | None
+) -> None:
+    fake, llm_url = llm
+    env = {"HERON_DATABASE_URL": database_url, "HERON_LIMITS_API_BURST": "100000"}
+    if not database_url.startswith("sqlite"):
+        env |= {"HERON_SECRET_KEY": TEST_SECRET, "HERON_REDIS_URL": scale_out or ""}
+    fake.push(
+        Reply(tool_calls=[ToolCall("calculator", {"expression": "6*7"}, id="call_once")]),
+        Reply(text="this answer never finishes " * 50, chunk_size=4, chunk_delay=0.05),
+        Reply(text="The answer is 42."),
+    )
+    server, client = await started(heron, env)
+    key = (heron.home / "initial-api-key").read_text().strip()
+    auth = {"Authorization": f"Bearer {key}"}
+    await client.post(
+        "/api/providers",
+        json={
+            "name": "fake",
+            "kind": "openai-compatible",
+            "base_url": llm_url,
+            "api_key": "sk-crash-test-0123456789",
+        },
+        headers=auth,
+    )
+    created = await client.post(
+        "/api/agents",
+        json={"name": "calc", "model": "fake:small", "tools": ["calculator"]},
+        headers=auth,
+    )
+    assert created.status_code == 201, created.text
+    await client.post(f"/api/agents/{created.json()['id']}/publish", headers=auth)
+    thread = (await client.post("/api/threads", headers=auth)).json()["id"]
+    run = (
+        await client.post(
+            f"/api/threads/{thread}/runs", json={"agent": "calc", "input": "6*7?"}, headers=auth
+        )
+    ).json()
+
+    last_seen = 0
+    after_tool = 0
+    async with client.stream("GET", f"/api/runs/{run['id']}/events", headers=auth) as stream:
+        tool_done = False
+        async for line in stream.aiter_lines():
+            if line.startswith("id: "):
+                last_seen = int(line[4:])
+            elif line == "event: tool_call.completed":
+                tool_done = True
+            elif line == "event: message.delta" and tool_done:
+                after_tool += 1
+                if after_tool == 3:
+                    break
+    os.kill(server.proc.pid, signal.SIGKILL)
+    server.proc.wait(timeout=10)
+    await client.aclose()
+
+    server, client = await started(heron, env)
+    try:
+        final: dict[str, Any] = {}
+        for _ in range(400):
+            final = (await client.get(f"/api/runs/{run['id']}", headers=auth)).json()
+            if final["status"] in ("completed", "failed"):
+                break
+            await asyncio.sleep(0.05)
+        assert final["status"] == "completed", final
+        assert final["output"] == "The answer is 42."
+
+        async with client.stream(
+            "GET",
+            f"/api/runs/{run['id']}/events",
+            headers={**auth, "Last-Event-ID": str(last_seen)},
+        ) as stream:
+            rest = [
+                json.loads(line[6:]) | {"_line": line}
+                for line in [text async for text in stream.aiter_lines()]
+                if line.startswith("data: ")
+            ]
+        texts = "".join(e.get("text", "") for e in rest)
+        assert texts == "The answer is 42."
+        assert not [e for e in rest if e.get("name") == "calculator"]  # the tool did not run again
+        steps = (await client.get(f"/api/runs/{run['id']}/steps", headers=auth)).json()
+        assert [s["kind"] for s in steps].count("tool") == 1
+        assert len(fake.chat_requests) == 3
+        assert fake.chat_requests[2].body["messages"][-1]["role"] == "tool"
+    finally:
+        await client.aclose()
