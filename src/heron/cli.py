@@ -17,6 +17,8 @@ import typer
 from heron import __version__
 from heron.agents.cli import app as agents_app
 from heron.providers.cli import app as providers_app
+from heron.runs.cli import chat as chat_command
+from heron.runs.cli import run as run_command
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -45,6 +47,8 @@ app.add_typer(config_app, name="config")
 app.add_typer(secrets_app, name="secrets")
 app.add_typer(agents_app, name="agents")
 app.add_typer(providers_app, name="providers")
+app.command("run")(run_command)
+app.command("chat")(chat_command)
 
 
 class CliError(Exception):
