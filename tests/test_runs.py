@@ -216,6 +216,15 @@ async def test_approval_pauses_then_approve_with_edited_arguments_and_deny(
     assert resumed.status_code == 200, resumed.text
     final = await wait_status(client, alice, run["id"], "completed", "failed")
     assert final["status"] == "completed", final
+    events = await read_sse(
+        await client.get(f"/api/runs/{run['id']}/events?after=0", headers=alice.headers)
+    )
+    started = [e["data"] for e in events if e["event"] == "tool_call.started"]
+    # The paused call starts once, when approved, with the arguments it really ran with.
+    assert [(c["id"], c["arguments"]) for c in started] == [
+        ("call_time", {"timezone": "UTC"}),
+        ("call_calc", {"expression": "2+40"}),
+    ]
     results = [m for m in fake.chat_requests[1].body["messages"] if m["role"] == "tool"]
     assert {r["tool_call_id"]: r["content"] for r in results}["call_calc"] == "42"
 
@@ -787,3 +796,40 @@ async def test_deleting_an_agent_with_runs_archives_it(
         "agent_id"
     ] == agent["id"]
     assert (await client.get("/api/agents", headers=alice.headers)).json()["items"] == []
+
+
+async def test_a_cancel_sent_to_another_api_process_stops_the_run(
+    tmp_path: Any, database_url: str, scale_out: str | None, llm: tuple[FakeOpenAI, str]
+) -> None:
+    from conftest import make_settings, make_tenant, serve
+    from heron.app import create_app
+
+    fake, url = llm
+    settings = make_settings(tmp_path, database_url, scale_out)
+    one, two = create_app(settings), create_app(settings)
+    fake.push(Reply(text="word " * 400, chunk_size=5, chunk_delay=0.05))
+    async with serve(one) as url_one, serve(two) as url_two:
+        alice = await make_tenant(one.state.db, "Alice", password=None)
+        async with httpx.AsyncClient(base_url=url_one, timeout=30) as c1:
+            await make_agent(c1, alice, url)
+            thread = await new_thread(c1, alice)
+            run = (
+                await c1.post(
+                    f"/api/threads/{thread}/runs",
+                    json={"agent": "helper", "input": "go"},
+                    headers=alice.headers,
+                )
+            ).json()
+            async with c1.stream(
+                "GET", f"/api/runs/{run['id']}/events", headers=alice.headers
+            ) as s:
+                async for line in s.aiter_lines():
+                    if line == "event: message.delta":
+                        break
+        async with httpx.AsyncClient(base_url=url_two, timeout=30) as c2:
+            assert (
+                await c2.post(f"/api/runs/{run['id']}/cancel", headers=alice.headers)
+            ).status_code == 200
+            final = await wait_status(c2, alice, run["id"], "cancelled", "completed", "failed")
+    assert final["status"] == "cancelled"
+    assert not fake.chat_requests[0].completed

@@ -343,10 +343,24 @@ async def execute_run(ctx: RunContext, run_id: uuid.UUID) -> RunStatus | None:
         return RunStatus.failed
     finally:
         heartbeat.cancel()
+    if status == RunStatus.requires_action and await _cancel_requested(ctx, run):
+        # Cancelled while it was pausing: the cancel wins.
+        await _finish(ctx, progress, [], RunStatus.cancelled, "run.cancelled", {})
+        return RunStatus.cancelled
     bound.info("run_ended", status=status.value)
     event = "run.completed" if status == RunStatus.completed else "approval.required"
     await _finish(ctx, progress, messages, status, event, values)
     return status
+
+
+async def _cancel_requested(ctx: RunContext, run: Run) -> bool:
+    async with ctx.db.session(write=False) as session:
+        requested = await session.scalar(
+            select(Run.cancel_requested_at).where(
+                Run.id == run.id, Run.workspace_id == run.workspace_id
+            )
+        )
+        return requested is not None
 
 
 async def _heartbeat(ctx: RunContext, run: Run) -> None:
@@ -438,6 +452,10 @@ async def _loop(
     spec = AgentSpec.model_validate(run.spec)
     history, workspace = await _load(ctx, progress)
     deferred = _decisions(run)
+    approvals = _Approvals(
+        tools=frozenset(name for name, policy in spec.approval.items() if policy == "always"),
+        decided={p["tool_call_id"]: p for p in run.pending_approvals or [] if "approve" in p},
+    )
     if deferred is None:
         history, deferred = conversation.prepare_resume(history)
     instructions = render_instructions(spec, run.variables)
@@ -570,7 +588,7 @@ async def _loop(
                             rounds += 1
                         async with node.stream(agent_run.ctx) as events:
                             async for event in events:
-                                await _tool_event(ctx, progress, event, tool_started)
+                                await _tool_event(ctx, progress, event, tool_started, approvals)
                     elif Agent.is_end_node(node):
                         messages = list(agent_run.all_messages())
         except UsageLimitExceeded as exc:
@@ -598,11 +616,29 @@ def _text_delta(event: Any) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class _Approvals:
+    """Which tools need a human, and what the humans decided for this resumption."""
+
+    tools: frozenset[str]
+    decided: dict[str, dict[str, Any]]
+
+
 async def _tool_event(
-    ctx: RunContext, progress: _Progress, event: Any, started: dict[str, float]
+    ctx: RunContext,
+    progress: _Progress,
+    event: Any,
+    started: dict[str, float],
+    approvals: _Approvals,
 ) -> None:
     if isinstance(event, FunctionToolCallEvent):
+        decision = approvals.decided.get(event.tool_call_id)
+        if event.part.tool_name in approvals.tools and decision is None:
+            return  # not started: it waits for a human (`approval.required` says so)
+        if decision is not None and not decision.get("approve"):
+            return  # denied: it never runs; its result says so
         started[event.tool_call_id] = time.perf_counter()
+        override = decision.get("override_arguments") if decision else None
         await _emit(
             ctx,
             progress,
@@ -610,7 +646,7 @@ async def _tool_event(
             {
                 "id": event.tool_call_id,
                 "name": event.part.tool_name,
-                "arguments": event.part.args_as_dict(),
+                "arguments": override if override is not None else event.part.args_as_dict(),
             },
         )
     elif isinstance(event, FunctionToolResultEvent):
@@ -685,6 +721,7 @@ class RunExecutor:
         self._running: dict[uuid.UUID, tuple[uuid.UUID, asyncio.Task[Any]]] = {}
         self._closed = False
         self._sweeper: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
 
     def submit(self, run_id: uuid.UUID, workspace_id: uuid.UUID) -> None:
         if self._closed or run_id in self._running or (run_id, workspace_id) in self._waiting:
@@ -755,6 +792,30 @@ class RunExecutor:
         """Begin looking, every `sweep_seconds`, for runs nobody is executing: queued ones and
         running ones whose executor's lease lapsed (its process died)."""
         self._sweeper = asyncio.create_task(self._sweep(sweep_seconds), name="run-sweeper")
+        self._watcher = asyncio.create_task(self._watch_cancels(), name="cancel-watcher")
+
+    async def _watch_cancels(self, every: float = 0.5) -> None:
+        """Stop local runs whose cancellation was asked of another process (a cancel request
+        lands on any API worker; the run executes on one)."""
+        while not self._closed:
+            await asyncio.sleep(every)
+            local = list(self._running)
+            if not local:
+                continue
+            try:
+                async with self.ctx.db.session(write=False) as session:
+                    wanted = (
+                        await session.scalars(
+                            select(Run.id).where(
+                                Run.id.in_(local), Run.cancel_requested_at.is_not(None)
+                            )
+                        )
+                    ).all()
+            except (OSError, SQLAlchemyError) as exc:
+                log.warning("cancel_watch_failed", error=str(exc))
+                continue
+            for run_id in wanted:
+                self.cancel(run_id)
 
     async def _sweep(self, every: float) -> None:
         while not self._closed:
@@ -787,8 +848,9 @@ class RunExecutor:
         continues them from their last completed step."""
         self._closed = True
         self.ctx.stopping = True
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        for helper in (self._sweeper, self._watcher):
+            if helper is not None:
+                helper.cancel()
         tasks = [task for _, task in self._running.values()]
         for task in tasks:
             task.cancel()
