@@ -267,7 +267,6 @@ async def test_run_waiting_for_approval_exits_3_then_chat_decides(
     [run] = await runs_of(client, alice, thread)
     assert run["status"] == "requires_action"
     assert err.splitlines() == [
-        '⚙ calculator {"expression": "6*7"} → waits for approval',
         f"run {run['id']} waits for approval of:",
         '  calculator {"expression": "6*7"}  (call call_ok)',
         f"decide in a terminal with: heron chat helper --thread {thread}",
@@ -280,7 +279,6 @@ async def test_run_waiting_for_approval_exits_3_then_chat_decides(
     assert code == 0, err
     assert out.splitlines()[1:] == [
         f"(run {run['id']} on this thread waits for approval)",
-        '⚙ calculator {"expression": "6*7"} → waits for approval',
         'Allow calculator {"expression": "6*7"}? [y/N/e(dit)] y',
         '⚙ calculator {"expression": "6*7"} → 42',
         "helper> It is 42.",
@@ -547,20 +545,12 @@ async def test_chat_asks_for_approvals_allow_deny_and_edit(
     code, out, err = await Heron(base_url, alice.key)("chat", "helper", stdin=stdin + "\n")
     assert (code, err) == (0, "")
     transcript = out.splitlines()[1:]
-    # The edited call ran with the edited arguments (its result is 42, below), but the server's
-    # `tool_call.started` event names the model's arguments: only the result is checked there.
-    edited = transcript.index('Arguments as a JSON object (empty: back): {"expression": "2+40"}')
-    assert transcript[edited + 1].startswith("⚙ calculator {")
-    assert transcript[edited + 1].endswith("} → 42")
-    transcript[edited + 1] = "⚙ calculator (edited) → 42"
     assert transcript == [
         "you> 6*7?",
-        '⚙ calculator {"expression": "6*7"} → waits for approval',
         'Allow calculator {"expression": "6*7"}? [y/N/e(dit)] y',
         '⚙ calculator {"expression": "6*7"} → 42',
         "helper> It is 42.",
         "you> 9*9?",
-        '⚙ calculator {"expression": "9*9"} → waits for approval',
         'Allow calculator {"expression": "9*9"}? [y/N/e(dit)] maybe',
         "Answer y (allow), n (deny) or e (edit the arguments, then allow).",
         'Allow calculator {"expression": "9*9"}? [y/N/e(dit)] n',
@@ -568,12 +558,11 @@ async def test_chat_asks_for_approvals_allow_deny_and_edit(
         '⚙ calculator {"expression": "9*9"} → error: not today',  # the denial, as the model sees it
         "helper> Fine.",
         "you> 1+1?",
-        '⚙ calculator {"expression": "1+1"} → waits for approval',
         'Allow calculator {"expression": "1+1"}? [y/N/e(dit)] e',
         "Arguments as a JSON object (empty: back): [1]",
         'The arguments must be a JSON object, like {"expression": "6*7"}.',
         'Arguments as a JSON object (empty: back): {"expression": "2+40"}',
-        "⚙ calculator (edited) → 42",
+        '⚙ calculator {"expression": "2+40"} → 42',  # started with the edited arguments
         "helper> Edited.",
         "you> /exit",
     ]

@@ -282,11 +282,11 @@ class Printer:
         elif event.type == "tool_call.completed":
             self._tool_result(data)
         elif event.type == "approval.required":
-            pending = {call.get("tool_call_id") for call in data.get("pending") or []}
-            if self._open_call in pending:  # announced as started, but it waits instead
-                self.notes.write(" → waits for approval\n")
-                self.notes.flush()
-                self._open_call = None
+            # Calls waiting for a human don't start; remember them for when they do (or are
+            # denied, which reports only a result).
+            for call in data.get("pending") or []:
+                call_id = str(call.get("tool_call_id"))
+                self._calls[call_id] = describe_call(str(call.get("name")), call.get("arguments"))
         elif event.type == "run.completed":
             self.close()
             output = data.get("output")
