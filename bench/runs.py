@@ -64,8 +64,8 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
 from model_server import ANSWER, API_KEY, MODEL, TOOL_ANSWER  # noqa: E402
+from report import DOC, nproc, write_section  # noqa: E402
 
-DOC = ROOT / "docs" / "benchmarks.md"
 HEADING = "## Runs (embedded)"
 BIN = Path(sys.executable).parent
 TOOL_ROUNDS = 10
@@ -937,43 +937,6 @@ def versions() -> str:
     return ", ".join(f"{name} {version(name)}" for name in names)
 
 
-def nproc() -> str:
-    try:
-        return subprocess.run(["nproc"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return str(len(os.sched_getaffinity(0)))
-
-
-def write_section(section: str, doc: Path = DOC) -> None:
-    """Replace the lines from HEADING up to the next `## ` heading (or append the section)."""
-    if doc.exists():
-        lines = doc.read_text().splitlines()
-    else:
-        lines = [
-            "# Benchmarks",
-            "",
-            "Measured figures for Heron. Each section below is written by the script it names; "
-            "rerun the script to refresh it (other sections are left alone).",
-            "",
-        ]
-    new = [*section.rstrip("\n").splitlines(), ""]
-    try:
-        start_at = lines.index(HEADING)
-    except ValueError:
-        if lines and lines[-1].strip():
-            lines.append("")
-        lines += new
-    else:
-        end = next(
-            (i for i in range(start_at + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
-        )
-        lines[start_at:end] = new
-    while lines and not lines[-1].strip():
-        lines.pop()
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text("\n".join(lines) + "\n")
-
-
 # Main ----------------------------------------------------------------------------------------
 
 
@@ -1108,7 +1071,7 @@ def main() -> None:
     print(section)
     print(f"took {time.perf_counter() - started:.0f} s", file=sys.stderr)
     if not options.no_write:
-        write_section(section)
+        write_section(HEADING, section)
         print(f"updated {DOC.relative_to(ROOT)}", file=sys.stderr)
 
 

@@ -31,8 +31,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from report import DOC, nproc, write_section
+
 ROOT = Path(__file__).resolve().parent.parent
-DOC = ROOT / "docs" / "benchmarks.md"
 HEADING = "## Start-up"
 TARGET_SECONDS = 3.0
 READY_TIMEOUT = 60.0
@@ -205,43 +206,6 @@ def render(runs: int, fresh: Series, warm: Series, base: Series, load: float) ->
     )
 
 
-def nproc() -> str:
-    try:
-        return subprocess.run(["nproc"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return str(len(os.sched_getaffinity(0)))
-
-
-def write_section(section: str, doc: Path = DOC) -> None:
-    """Replace the lines from HEADING up to the next `## ` heading (or append the section)."""
-    if doc.exists():
-        lines = doc.read_text().splitlines()
-    else:
-        lines = [
-            "# Benchmarks",
-            "",
-            "Measured figures for Heron. Each section below is written by the script it names; "
-            "rerun the script to refresh it (other sections are left alone).",
-            "",
-        ]
-    new = [*section.rstrip("\n").splitlines(), ""]
-    try:
-        start = lines.index(HEADING)
-    except ValueError:
-        if lines and lines[-1].strip():
-            lines.append("")
-        lines += new
-    else:
-        end = next(
-            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
-        )
-        lines[start:end] = new
-    while lines and not lines[-1].strip():
-        lines.pop()
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text("\n".join(lines) + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--runs", type=int, default=7, help="runs of each measurement")
@@ -273,7 +237,7 @@ def main() -> None:
     section = render(options.runs, fresh, warm, base, load)
     print(section)
     if not options.no_write:
-        write_section(section)
+        write_section(HEADING, section)
         print(f"updated {DOC.relative_to(ROOT)}", file=sys.stderr)
 
 
