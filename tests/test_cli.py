@@ -129,14 +129,15 @@ class Heron:
         assert result.returncode == 0, f"heron {' '.join(args)}: {result.stderr}"
         return result.stdout
 
-    def start(self, env: dict[str, str] | None = None) -> Server:
+    def start(self, env: dict[str, str] | None = None, *, command: str = "serve") -> Server:
+        """`heron serve` (or `heron worker`) in the background, on a port of its own."""
         self.count += 1
         port = free_port()
-        out = self.tmp / f"serve-{self.count}.out"
-        err = self.tmp / f"serve-{self.count}.err"
+        out = self.tmp / f"{command}-{self.count}.out"
+        err = self.tmp / f"{command}-{self.count}.err"
         with out.open("wb") as o, err.open("wb") as e:
             proc = subprocess.Popen(
-                [*HERON, "serve"],
+                [*HERON, command],
                 stdin=subprocess.DEVNULL,
                 stdout=o,
                 stderr=e,

@@ -22,9 +22,11 @@ from heron.core.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimite
 from heron.core.security import TokenSigner, load_or_create_secret_key
 from heron.db import migrate
 from heron.db.engine import Database
+from heron.jobs.queue import CeleryQueue
 from heron.ops.router import router as ops_router
 from heron.providers.router import router as providers_router
-from heron.runs.events import MemoryEventLog
+from heron.runs.dispatch import WorkerRuns
+from heron.runs.events import EventLog, MemoryEventLog, RedisEventLog
 from heron.runs.executor import RunContext, RunExecutor, owner_id
 from heron.runs.router import router as runs_router
 from heron.settings import Settings, SettingsError, load_settings
@@ -78,30 +80,44 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.db = db
         app.state.redis = redis
         app.state.rate_limiter = limiter
-        executor = RunExecutor(
-            RunContext(
-                db,
-                MemoryEventLog(),
-                app.state.secret_box,
-                owner=owner_id(),
-                run_timeout=settings.runs.timeout_seconds,
-            ),
-            max_concurrency=settings.runs.max_concurrency,
-            per_workspace=settings.runs.per_workspace_concurrency,
-        )
-        app.state.executor = executor
-        recovered = await executor.recover()
-        executor.start()
+        events: EventLog = RedisEventLog(redis) if redis else MemoryEventLog()
+        executor: RunExecutor | None = None
+        queue: CeleryQueue | None = None
+        if settings.uses_workers:
+            assert redis is not None
+            assert settings.redis.url
+            queue = CeleryQueue(settings.redis.url)
+            app.state.runs = WorkerRuns(queue, redis, events)
+            recovered = 0
+        else:
+            executor = RunExecutor(
+                RunContext(
+                    db,
+                    events,
+                    app.state.secret_box,
+                    owner=owner_id(),
+                    run_timeout=settings.runs.timeout_seconds,
+                ),
+                max_concurrency=settings.runs.max_concurrency,
+                per_workspace=settings.runs.per_workspace_concurrency,
+            )
+            app.state.runs = executor
+            recovered = await executor.recover()
+            executor.start()
         log.info(
             "started",
             database=db.url.get_backend_name(),
             redis=redis is not None,
+            runs="workers" if settings.uses_workers else "in process",
             runs_recovered=recovered,
         )
         try:
             yield
         finally:
-            await executor.close()
+            if executor is not None:
+                await executor.close()
+            if queue is not None:
+                queue.close()
             await limiter.close()
             if redis is not None:
                 await redis.aclose()
