@@ -20,12 +20,19 @@ from sqlalchemy import func, select
 import filekinds
 from conftest import TEST_SECRET, S3Server, Tenant, key_for, make_settings
 from heron.app import create_app
+from heron.core.errors import NotFound
 from heron.db.engine import Database
 from heron.files.models import File
 from heron.files.router import content_disposition
 from heron.files.service import display_name
 from heron.files.sniffing import DOCX, HEAD_BYTES, PPTX, XLSX, Sniffer
-from heron.files.storage import BlobNotFound, BlobStore, LocalBlobStore, S3BlobStore
+from heron.files.storage import (
+    BlobNotFound,
+    BlobStore,
+    LocalBlobStore,
+    S3BlobStore,
+    StorageUnavailable,
+)
 from heron.settings import Settings, StorageSettings
 from heron.tenancy.models import Role
 
@@ -170,6 +177,20 @@ async def test_store_deletes_everything_under_a_prefix_and_nothing_else(
         True,
     ]
     await blobs.delete_under("ws-none")  # nothing there: fine
+
+
+async def test_an_unusable_bucket_is_a_storage_error_not_a_crash(s3_server: S3Server) -> None:
+    blobs = S3BlobStore(
+        "s3://no-such-bucket-here/x",
+        endpoint=s3_server.endpoint,
+        region="us-east-1",
+        access_key_id="heron-test",
+        secret_access_key="heron-test-secret",
+    )
+    with pytest.raises(StorageUnavailable):
+        await blobs.put("ws/a", agen(iter([b"x"])))
+    with pytest.raises(StorageUnavailable):
+        await blobs.delete_under("ws")
 
 
 @pytest.mark.parametrize(
@@ -466,7 +487,9 @@ async def test_the_workspace_quota_is_413_and_leaves_nothing(
         for i in range(0, len(body), 65536):
             yield body[i : i + 65536]
 
+    far_over = b"".join(random_chunks(left + MiB, seed=10))
     for response in (
+        await upload(client, alice, "far-over.bin", far_over),  # refused before it is read
         await upload(client, alice, "over.bin", over),  # declared
         await client.post("/api/files", content=streamed(), headers={**alice.headers, **FORM_TYPE}),
     ):
@@ -559,6 +582,44 @@ async def test_deleting_a_workspace_deletes_its_files_content(
     assert deleted.status_code == 204
     assert [Path(p).parent.name for p in leftovers()] == [str(bob.workspace_id)]
     assert await file_rows(db) == 1
+
+
+async def test_other_domains_add_and_read_files_through_the_service(
+    app: FastAPI, alice: Tenant, db: Database, leftovers: Leftovers
+) -> None:
+    from heron.files import service
+
+    blobs: BlobStore = app.state.blobs
+    limits = service.FileLimits(max_file_bytes=MAX_FILE, workspace_quota_bytes=QUOTA)
+    async with db.session(write=True) as session, session.begin():
+        row = await service.add_file(
+            session,
+            blobs,
+            limits,
+            alice.workspace_id,
+            agen(iter([b"# Notes\n\n", b"- fetched from a URL\n"])),
+            name="notes.md",
+            created_by=None,
+        )
+    assert row.content_type == "text/markdown; charset=utf-8"
+    async with db.session(write=False) as session:
+        got, chunks = await service.open_content(session, blobs, alice.workspace_id, row.id)
+        assert b"".join([c async for c in chunks]) == b"# Notes\n\n- fetched from a URL\n"
+        assert got.sha256 == row.sha256
+        with pytest.raises(NotFound):
+            await service.open_content(session, blobs, uuid.uuid4(), row.id)
+    with pytest.raises(service.FileTooLarge):
+        async with db.session(write=True) as session, session.begin():
+            await service.add_file(
+                session,
+                blobs,
+                limits,
+                alice.workspace_id,
+                agen(random_chunks(MAX_FILE + 1)),
+                name="big",
+                created_by=None,
+            )
+    assert len(leftovers()) == 1
 
 
 async def test_viewers_read_files_and_members_upload_and_delete(
