@@ -22,6 +22,9 @@ from heron.core.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimite
 from heron.core.security import TokenSigner, load_or_create_secret_key
 from heron.db import migrate
 from heron.db.engine import Database
+from heron.files.router import router as files_router
+from heron.files.router import upload_route_limit
+from heron.files.storage import BlobStore, open_blob_store
 from heron.jobs.queue import CeleryQueue
 from heron.ops.router import router as ops_router
 from heron.providers.router import router as providers_router
@@ -77,7 +80,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         redis: Redis | None = Redis.from_url(settings.redis.url) if settings.redis.url else None
         limiter: RateLimiter = RedisRateLimiter(redis) if redis else MemoryRateLimiter()
+        blobs: BlobStore = open_blob_store(settings)
         app.state.db = db
+        app.state.blobs = blobs
         app.state.redis = redis
         app.state.rate_limiter = limiter
         events: EventLog = RedisEventLog(redis) if redis else MemoryEventLog()
@@ -118,6 +123,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await executor.close()
             if queue is not None:
                 queue.close()
+            await blobs.close()
             await limiter.close()
             if redis is not None:
                 await redis.aclose()
@@ -141,6 +147,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         SizeLimitMiddleware,
         max_body_bytes=settings.limits.max_body_bytes,
         max_header_bytes=settings.limits.max_header_bytes,
+        route_limits={("POST", "/api/files"): upload_route_limit(settings.storage.max_file_bytes)},
     )
     app.add_middleware(RequestContextMiddleware)
     app.include_router(ops_router)
@@ -149,6 +156,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(providers_router)
     app.include_router(agents_router)
     app.include_router(runs_router)
+    app.include_router(files_router)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -2,6 +2,7 @@
 
 from heron.agents.models import Agent, AgentVersion
 from heron.db.base import Base
+from heron.files.models import File
 from heron.providers.models import Provider
 from heron.runs.models import Run, RunEvent, Step
 from heron.tenancy.models import ApiKey, Membership, User, Workspace
@@ -12,6 +13,7 @@ __all__ = [
     "AgentVersion",
     "ApiKey",
     "Base",
+    "File",
     "Membership",
     "Message",
     "Provider",
