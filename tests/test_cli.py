@@ -302,6 +302,20 @@ BAD_SETTINGS: dict[str, tuple[dict[str, str], list[str], str | None, str]] = {
         "HERON_DATABASE_URL",
     ),
     "option-port-range": ({}, ["serve", "--port", "99999"], None, "--port"),
+    "worker-without-redis": ({}, ["worker"], None, "HERON_REDIS_URL"),
+    "worker-on-sqlite": (
+        {"HERON_REDIS_URL": "redis://127.0.0.1:6379/15"},
+        ["worker"],
+        None,
+        "HERON_RUNS_QUEUE",
+    ),
+    "celery-queue-without-redis": ({"HERON_RUNS_QUEUE": "celery"}, SERVE, None, "HERON_RUNS_QUEUE"),
+    "worker-concurrency": (
+        {"HERON_REDIS_URL": "redis://127.0.0.1:6379/15", "HERON_RUNS_QUEUE": "celery"},
+        ["worker", "--concurrency", "0"],
+        None,
+        "--concurrency",
+    ),
     "unknown-role": ({}, ["keys", "create", "--name", "x", "--role", "king"], None, "'king'"),
     "short-password": (
         {},
