@@ -141,13 +141,18 @@ async def test_sigkill_mid_run_then_restart_completes_it_once(
         await client.aclose()
 
 
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
 async def test_scale_out_worker_killed_mid_run_another_worker_completes_it(
-    heron: Heron, llm: tuple[FakeOpenAI, str], database_url: str, scale_out: str | None
+    heron: Heron,
+    llm: tuple[FakeOpenAI, str],
+    database_url: str,
+    scale_out: str | None,
+    stop: signal.Signals,
 ) -> None:
     """Two API replicas and two workers on PostgreSQL and Redis. A run created through one
     replica and streamed through the other executes on a worker, which is killed with SIGKILL
-    mid-answer: the other worker completes it, and the one stream sees every event once, the
-    tool runs once, and the thread holds each message once."""
+    (or stopped with SIGTERM) mid-answer: the other worker completes it, and the one stream
+    sees every event once, the tool runs once, and the thread holds each message once."""
     if scale_out is None:
         pytest.skip("needs HERON_TEST_BACKEND=postgres (PostgreSQL and Redis)")
     fake, llm_url = llm
@@ -215,8 +220,10 @@ async def test_scale_out_worker_killed_mid_run_another_worker_completes_it(
                         after_tool += 1
                         if after_tool == 3:
                             killed = await _lease_holder(database_url, run["id"], workers)
-                            os.kill(killed, signal.SIGKILL)
-                            workers[killed].proc.wait(timeout=10)
+                            os.kill(killed, stop)
+                            code = workers[killed].proc.wait(timeout=30)
+                            # SIGTERM: a warm shutdown that hands the run over at once.
+                            assert code == (0 if stop == signal.SIGTERM else -stop), code
                     if kind in ("run.completed", "run.failed", "run.cancelled"):
                         break
         assert killed is not None
