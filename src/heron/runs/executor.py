@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import socket
 import time
 import uuid
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import jsonschema
 import structlog
@@ -53,7 +55,7 @@ from pydantic_ai.exceptions import (
     UsageLimitExceeded,
 )
 from pydantic_ai.settings import ModelSettings
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -61,7 +63,7 @@ from heron.agents.spec import AgentSpec, render_instructions
 from heron.core.crypto import SecretBox
 from heron.core.errors import HeronError
 from heron.core.ids import new_id, utcnow
-from heron.db.engine import Database
+from heron.db.engine import Database, is_transient
 from heron.providers import service as providers
 from heron.providers.runtime import ModelRuntime
 from heron.runs import conversation
@@ -75,6 +77,11 @@ from heron.tools.toolset import agent_tool
 
 log = structlog.get_logger("heron.runs")
 LEASE = timedelta(seconds=30)
+# A write that meets a transient database failure (busy, lost connection...) is tried again
+# this many times in all, after short growing waits, before the execution gives up.
+WRITE_ATTEMPTS = 8
+WRITE_BACKOFF = 0.05
+T = TypeVar("T")
 
 
 class RunFailure(Exception):
@@ -100,9 +107,40 @@ class _Progress:
     run: Run
     seq: int
     stored: list[_Stored] = field(default_factory=list)
-    events: list[RunEvent] = field(default_factory=list)
-    steps: list[Step] = field(default_factory=list)
+    # Rows not yet written, as column values: written with one INSERT per table, and written
+    # again as they are when a transaction has to be tried again.
+    events: list[dict[str, Any]] = field(default_factory=list)
+    steps: list[dict[str, Any]] = field(default_factory=list)
     step_index: int = 0
+
+    def step(
+        self,
+        kind: str,
+        name: str,
+        *,
+        started_at: Any,
+        duration_ms: float,
+        tool_call_id: str | None = None,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        error: str | None = None,
+    ) -> None:
+        self.steps.append(
+            {
+                "workspace_id": self.run.workspace_id,
+                "run_id": self.run.id,
+                "index": self.step_index,
+                "kind": kind,
+                "name": name,
+                "tool_call_id": tool_call_id,
+                "started_at": started_at,
+                "duration_ms": duration_ms,
+                "input_tokens": input_tokens,
+                "output_tokens": output_tokens,
+                "error": error,
+            }
+        )
+        self.step_index += 1
 
 
 class RunContext:
@@ -134,14 +172,32 @@ async def _emit(
     if live:
         await ctx.events.append(progress.run.id, progress.seq, type, data)
     progress.events.append(
-        RunEvent(
-            workspace_id=progress.run.workspace_id,
-            run_id=progress.run.id,
-            seq=progress.seq,
-            type=type,
-            data=data,
-        )
+        {
+            "workspace_id": progress.run.workspace_id,
+            "run_id": progress.run.id,
+            "seq": progress.seq,
+            "type": type,
+            "data": data,
+        }
     )
+
+
+async def _write(ctx: RunContext, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+    """`work` in one write transaction, run again from the start after a transient failure.
+
+    A task must not open another write session inside `work`: on SQLite the write engine has a
+    single connection, which this transaction holds."""
+    attempt = 1
+    while True:
+        try:
+            async with ctx.db.session(write=True) as session, session.begin():
+                return await work(session)
+        except (SQLAlchemyError, OSError) as exc:
+            if attempt >= WRITE_ATTEMPTS or not is_transient(exc):
+                raise
+            log.warning("run_write_retried", attempt=attempt, error=str(exc)[:300])
+            await asyncio.sleep(WRITE_BACKOFF * 2 ** (attempt - 1) * (0.5 + random.random()))  # noqa: S311 (jitter)
+            attempt += 1
 
 
 async def _checkpoint(
@@ -153,45 +209,45 @@ async def _checkpoint(
     """Write what happened since the last checkpoint, in one transaction, and renew the lease.
     `messages` is the whole conversation as the run sees it; None leaves the stored one as is."""
     run = progress.run
-    if messages is None:
-        async with ctx.db.session(write=True) as session, session.begin():
-            await _write_progress(session, progress, run_values)
-        progress.events, progress.steps = [], []
-        return
-    # pydantic-ai repairs the history it is given (it merges adjacent requests, for one), so
-    # the stored conversation is brought in line with the run's: the rows from the first
-    # difference on are replaced. Usually that is just the messages added since last time.
-    dumps = [conversation.dump(m) for m in messages]
-    first = 0
-    while (
-        first < len(dumps)
-        and first < len(progress.stored)
-        and progress.stored[first].raw == dumps[first]
-    ):
-        first += 1
-    replaced = progress.stored[first:]
-    async with ctx.db.session(write=True) as session, session.begin():
-        repo = MessageRepository(session, run.workspace_id)
-        if replaced:
-            await repo.delete_ids([r.id for r in replaced])
-        seq = await repo.next_seq(run.thread_id)
+    kept = progress.stored
+    replaced: list[_Stored] = []
+    added: list[dict[str, Any]] = []
+    if messages is not None:
+        # pydantic-ai repairs the history it is given (it merges adjacent requests, for one),
+        # so the stored conversation is brought in line with the run's: the rows from the first
+        # difference on are replaced. Usually that is just the messages added since last time.
+        dumps = [conversation.dump(m) for m in messages]
+        first = 0
+        while (
+            first < len(dumps)
+            and first < len(progress.stored)
+            and progress.stored[first].raw == dumps[first]
+        ):
+            first += 1
+        replaced = progress.stored[first:]
         kept = progress.stored[:first]
         for offset, (message, raw) in enumerate(zip(messages[first:], dumps[first:], strict=True)):
             role, parts = conversation.api_view(message)
             owner = replaced[offset].run_id if offset < len(replaced) else run.id
-            row = repo.add(
-                Message(
-                    id=new_id(),  # known now, not at flush: the next checkpoint may replace it
-                    thread_id=run.thread_id,
-                    run_id=owner,
-                    seq=seq + offset,
-                    role=role,
-                    parts=parts,
-                    raw=raw,
-                )
-            )
-            kept.append(_Stored(row.id, owner, raw))
+            # The id is known now, not at flush: the next checkpoint may replace the row.
+            row_id = new_id()
+            added.append({"id": row_id, "run_id": owner, "role": role, "parts": parts, "raw": raw})
+            kept = [*kept, _Stored(row_id, owner, raw)]
+
+    async def work(session: AsyncSession) -> None:
+        repo = MessageRepository(session, run.workspace_id)
+        if replaced:
+            await repo.delete_ids([r.id for r in replaced])
+        if added:
+            seq = await repo.next_seq(run.thread_id)
+            rows = [
+                {"workspace_id": run.workspace_id, "thread_id": run.thread_id, "seq": seq + i} | row
+                for i, row in enumerate(added)
+            ]
+            await session.execute(insert(Message), rows)
         await _write_progress(session, progress, run_values)
+
+    await _write(ctx, work)
     progress.stored = kept
     progress.events, progress.steps = [], []
 
@@ -239,8 +295,10 @@ async def _write_progress(
 ) -> None:
     """Steps and events since the last checkpoint, the run's new values, a renewed lease."""
     run = progress.run
-    session.add_all(progress.steps)
-    session.add_all(progress.events)
+    if progress.steps:
+        await session.execute(insert(Step), progress.steps)
+    if progress.events:
+        await session.execute(insert(RunEvent), progress.events)
     values = {"last_event_seq": progress.seq, "lease_expires_at": utcnow() + LEASE, **run_values}
     await session.execute(
         update(Run).where(Run.id == run.id, Run.workspace_id == run.workspace_id).values(**values)
@@ -250,8 +308,9 @@ async def _write_progress(
 async def _claim(ctx: RunContext, run_id: uuid.UUID) -> tuple[Run, bool] | None:
     """Take a queued run (or one whose lease lapsed) for this process; True when taken over
     from an execution that stopped mid-way."""
-    now = utcnow()
-    async with ctx.db.session(write=True) as session, session.begin():
+
+    async def work(session: AsyncSession) -> tuple[Run, bool] | None:
+        now = utcnow()
         run = await session.scalar(select(Run).where(Run.id == run_id).with_for_update())
         if run is None:
             return None
@@ -305,6 +364,8 @@ async def _claim(ctx: RunContext, run_id: uuid.UUID) -> tuple[Run, bool] | None:
         await session.flush()
         session.expunge(run)
         return run, taken_over
+
+    return await _write(ctx, work)
 
 
 async def execute_run(ctx: RunContext, run_id: uuid.UUID) -> RunStatus | None:
@@ -367,12 +428,15 @@ async def _heartbeat(ctx: RunContext, run: Run) -> None:
     """Keep the lease while the run executes, however long one step takes."""
     while True:
         await asyncio.sleep(LEASE.total_seconds() / 3)
-        async with ctx.db.session(write=True) as session, session.begin():
+
+        async def renew(session: AsyncSession) -> None:
             await session.execute(
                 update(Run)
                 .where(Run.id == run.id, Run.lease_owner == ctx.owner)
                 .values(lease_expires_at=utcnow() + LEASE)
             )
+
+        await _write(ctx, renew)
 
 
 async def _fail(
@@ -548,20 +612,14 @@ async def _loop(
                         )
                         input_tokens += response.usage.input_tokens
                         output_tokens += response.usage.output_tokens
-                        progress.steps.append(
-                            Step(
-                                workspace_id=run.workspace_id,
-                                run_id=run.id,
-                                index=progress.step_index,
-                                kind="model",
-                                name=model_name,
-                                started_at=begun,
-                                duration_ms=(time.perf_counter() - started) * 1000,
-                                input_tokens=response.usage.input_tokens,
-                                output_tokens=response.usage.output_tokens,
-                            )
+                        progress.step(
+                            "model",
+                            model_name,
+                            started_at=begun,
+                            duration_ms=(time.perf_counter() - started) * 1000,
+                            input_tokens=response.usage.input_tokens,
+                            output_tokens=response.usage.output_tokens,
                         )
-                        progress.step_index += 1
                         _, parts = conversation.api_view(response)
                         await _emit(
                             ctx,
@@ -656,20 +714,14 @@ async def _tool_event(
         content = (
             part.model_response_str() if hasattr(part, "model_response_str") else str(part.content)
         )
-        progress.steps.append(
-            Step(
-                workspace_id=progress.run.workspace_id,
-                run_id=progress.run.id,
-                index=progress.step_index,
-                kind="tool",
-                name=part.tool_name or "",
-                tool_call_id=event.tool_call_id,
-                started_at=utcnow(),
-                duration_ms=(time.perf_counter() - began) * 1000,
-                error=content if failed else None,
-            )
+        progress.step(
+            "tool",
+            part.tool_name or "",
+            tool_call_id=event.tool_call_id,
+            started_at=utcnow(),
+            duration_ms=(time.perf_counter() - began) * 1000,
+            error=content if failed else None,
         )
-        progress.step_index += 1
         key = "error" if failed else "result"
         await _emit(
             ctx,
