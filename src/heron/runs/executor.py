@@ -65,7 +65,7 @@ from heron.core.errors import HeronError
 from heron.core.ids import new_id, utcnow
 from heron.db.engine import Database, is_transient
 from heron.providers import service as providers
-from heron.providers.runtime import ModelRuntime
+from heron.providers.runtime import HttpClients, ModelRuntime
 from heron.runs import conversation
 from heron.runs.events import EventLog
 from heron.runs.models import Run, RunEvent, RunStatus, Step
@@ -144,7 +144,8 @@ class _Progress:
 
 
 class RunContext:
-    """Everything an execution needs from the process: database, event log, secrets."""
+    """Everything an execution needs from the process: database, event log, secrets, the HTTP
+    clients to model providers. `aclose()` releases what it holds once no run executes."""
 
     def __init__(
         self,
@@ -163,6 +164,10 @@ class RunContext:
         # Set while the process stops: cancelled tasks then leave their runs to be continued
         # (by this process' next start, or another worker once the lease lapses).
         self.stopping = False
+        self.http = HttpClients()
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
 
 
 async def _emit(
@@ -568,7 +573,7 @@ async def _loop(
     input_tokens, output_tokens = run.input_tokens, run.output_tokens
     tool_started: dict[str, float] = {}
     messages: list[ModelMessage] = list(history)
-    async with ModelRuntime(connections) as runtime:
+    async with ModelRuntime(connections, clients=ctx.http) as runtime:
         try:
             model = runtime.fallback_model(spec.model, spec.fallbacks, fallbacks_field="fallbacks")
         except HeronError as exc:
