@@ -95,3 +95,47 @@ async def test_many_concurrent_runs_all_complete_each_executed_once(
                 stored = await read_sse(response)
             assert [e["id"] for e in stored] == list(range(1, len(stored) + 1))
             assert [e["event"] for e in stored] == [e["event"] for e in events]
+
+
+async def test_one_renewal_extends_the_leases_of_every_run_of_the_process(
+    client: httpx.AsyncClient, alice: Any, app: Any, slow_llm: tuple[FakeOpenAI, str]
+) -> None:
+    from sqlalchemy import select, update
+
+    from heron.runs.models import Run
+
+    fake, url = slow_llm
+
+    def slow(request: Any) -> Reply:
+        return Reply(text="slowly " * 20, chunk_size=2, chunk_delay=0.05)
+
+    fake.handler = slow
+    await make_agent(client, alice, url)
+    ids = []
+    for _ in range(3):
+        thread = await new_thread(client, alice)
+        run = await client.post(
+            f"/api/threads/{thread}/runs",
+            json={"agent": "helper", "input": "Hi"},
+            headers=alice.headers,
+        )
+        ids.append(run.json()["id"])
+    db = app.state.db
+    ctx = app.state.executor.ctx
+    await asyncio.sleep(0.5)  # all three execute
+    import uuid
+
+    run_ids = [uuid.UUID(i) for i in ids]
+    async with db.session(write=True) as session, session.begin():
+        # One lease lapsed meanwhile and another process took that run.
+        await session.execute(
+            update(Run).where(Run.id == run_ids[2]).values(lease_owner="elsewhere:1")
+        )
+    async with db.session(write=False) as session:
+        before = dict((await session.execute(select(Run.id, Run.lease_expires_at))).all())
+    await ctx.leases.renew()
+    async with db.session(write=False) as session:
+        after = dict((await session.execute(select(Run.id, Run.lease_expires_at))).all())
+    assert after[run_ids[0]] > before[run_ids[0]]
+    assert after[run_ids[1]] > before[run_ids[1]]
+    assert after[run_ids[2]] == before[run_ids[2]]  # not this process' lease any more

@@ -12,6 +12,7 @@ global and a per-workspace concurrency limit; a thread's runs execute one at a t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import socket
@@ -107,6 +108,9 @@ class _Progress:
     run: Run
     seq: int
     stored: list[_Stored] = field(default_factory=list)
+    next_message_seq: int = 1  # the run holds its thread: nobody else adds messages meanwhile
+    # pydantic-ai's messages dumped so far, by identity (the message is kept alive with its dump).
+    dumps: dict[int, tuple[ModelMessage, dict[str, Any]]] = field(default_factory=dict)
     # Rows not yet written, as column values: written with one INSERT per table, and written
     # again as they are when a transaction has to be tried again.
     events: list[dict[str, Any]] = field(default_factory=list)
@@ -165,9 +169,72 @@ class RunContext:
         # (by this process' next start, or another worker once the lease lapses).
         self.stopping = False
         self.http = HttpClients()
+        self.leases = Leases(self)
 
     async def aclose(self) -> None:
+        await self.leases.aclose()
         await self.http.aclose()
+
+
+class Leases:
+    """The leases of the runs this process executes, kept by one heartbeat for them all: one
+    UPDATE every third of a lease, however many runs execute (a task per run made a third of
+    all writes at 500 runs). The heartbeat runs while there are leases to keep."""
+
+    def __init__(self, ctx: RunContext) -> None:
+        self._ctx = ctx
+        self._runs: set[uuid.UUID] = set()
+        self._beat: asyncio.Task[None] | None = None
+        self._idle = asyncio.Event()
+
+    def hold(self, run_id: uuid.UUID) -> None:
+        self._runs.add(run_id)
+        self._idle.clear()
+        if self._beat is None or self._beat.done():
+            self._beat = asyncio.create_task(self._heartbeat(), name="run-leases")
+
+    def release(self, run_id: uuid.UUID) -> None:
+        self._runs.discard(run_id)
+        if not self._runs:
+            self._idle.set()  # the heartbeat ends now, not at its next beat
+
+    async def renew(self) -> None:
+        """Extend every held lease that is still this process' (a run taken over by another
+        process keeps the other's)."""
+        held = list(self._runs)
+        if not held:
+            return
+        ctx = self._ctx
+
+        async def work(session: AsyncSession) -> None:
+            until = utcnow() + LEASE
+            for at in range(0, len(held), 500):
+                await session.execute(
+                    update(Run)
+                    .where(Run.id.in_(held[at : at + 500]), Run.lease_owner == ctx.owner)
+                    .values(lease_expires_at=until)
+                )
+
+        await _write(ctx, work)
+
+    async def _heartbeat(self) -> None:
+        while self._runs:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), LEASE.total_seconds() / 3)
+            if not self._runs:
+                return
+            try:
+                await self.renew()
+            except (OSError, SQLAlchemyError) as exc:  # the database is away: try next time
+                log.warning("lease_renewal_failed", runs=len(self._runs), error=str(exc)[:300])
+
+    async def aclose(self) -> None:
+        self._runs.clear()
+        self._idle.set()
+        if self._beat is not None:
+            self._beat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._beat
 
 
 async def _emit(
@@ -205,6 +272,36 @@ async def _write(ctx: RunContext, work: Callable[[AsyncSession], Awaitable[T]]) 
             attempt += 1
 
 
+# Fields pydantic-ai fills in on a message once the request is made (a stored prompt has none
+# yet): a stored row that lacks only these still holds the same message and is kept as it is.
+_FILLED_IN = ("timestamp", "instructions", "run_id", "conversation_id")
+
+
+def _same_message(stored: dict[str, Any], dump: dict[str, Any]) -> bool:
+    if stored is dump or stored == dump:
+        return True
+    if stored.keys() != dump.keys():
+        return False
+    return all(stored[k] == v or (k in _FILLED_IN and stored[k] is None) for k, v in dump.items())
+
+
+def _dumps(progress: _Progress, messages: list[ModelMessage]) -> list[dict[str, Any]]:
+    """Each message's stored form. A message seen before is not dumped again, except the last
+    two: the request being made and its answer are still filled in by pydantic-ai."""
+    cache, fresh = progress.dumps, {}
+    dumps = []
+    for index, message in enumerate(messages):
+        hit = cache.get(id(message))
+        if hit is not None and hit[0] is message and index < len(messages) - 2:
+            dump = hit[1]
+        else:
+            dump = conversation.dump(message)
+        fresh[id(message)] = (message, dump)
+        dumps.append(dump)
+    progress.dumps = fresh
+    return dumps
+
+
 async def _checkpoint(
     ctx: RunContext,
     progress: _Progress,
@@ -221,30 +318,37 @@ async def _checkpoint(
         # pydantic-ai repairs the history it is given (it merges adjacent requests, for one),
         # so the stored conversation is brought in line with the run's: the rows from the first
         # difference on are replaced. Usually that is just the messages added since last time.
-        dumps = [conversation.dump(m) for m in messages]
+        dumps = _dumps(progress, messages)
         first = 0
+        kept = []
         while (
             first < len(dumps)
             and first < len(progress.stored)
-            and progress.stored[first].raw == dumps[first]
+            and _same_message(progress.stored[first].raw, dumps[first])
         ):
+            # Compared against the latest dump from now on: equal at once next time.
+            kept.append(
+                _Stored(progress.stored[first].id, progress.stored[first].run_id, dumps[first])
+            )
             first += 1
         replaced = progress.stored[first:]
-        kept = progress.stored[:first]
         for offset, (message, raw) in enumerate(zip(messages[first:], dumps[first:], strict=True)):
             role, parts = conversation.api_view(message)
             owner = replaced[offset].run_id if offset < len(replaced) else run.id
             # The id is known now, not at flush: the next checkpoint may replace the row.
             row_id = new_id()
             added.append({"id": row_id, "run_id": owner, "role": role, "parts": parts, "raw": raw})
-            kept = [*kept, _Stored(row_id, owner, raw)]
+            kept.append(_Stored(row_id, owner, raw))
+    if not (replaced or added or progress.steps or run_values):
+        # Only events (a run's first `run.started`, say): they go with the next write, and a
+        # takeover announces itself with event ids above anything this execution streamed.
+        return
+    seq = progress.next_message_seq
 
     async def work(session: AsyncSession) -> None:
-        repo = MessageRepository(session, run.workspace_id)
         if replaced:
-            await repo.delete_ids([r.id for r in replaced])
+            await MessageRepository(session, run.workspace_id).delete_ids([r.id for r in replaced])
         if added:
-            seq = await repo.next_seq(run.thread_id)
             rows = [
                 {"workspace_id": run.workspace_id, "thread_id": run.thread_id, "seq": seq + i} | row
                 for i, row in enumerate(added)
@@ -254,6 +358,7 @@ async def _checkpoint(
 
     await _write(ctx, work)
     progress.stored = kept
+    progress.next_message_seq = seq + len(added)
     progress.events, progress.steps = [], []
 
 
@@ -379,9 +484,12 @@ async def execute_run(ctx: RunContext, run_id: uuid.UUID) -> RunStatus | None:
     if claimed is None:
         return None
     run, taken_over = claimed
-    progress = _Progress(run=run, seq=run.last_event_seq, step_index=await _steps_done(ctx, run))
+    fresh = run.attempts == 1 and run.last_event_seq == 0  # nothing of it written yet
+    progress = _Progress(
+        run=run, seq=run.last_event_seq, step_index=0 if fresh else await _steps_done(ctx, run)
+    )
     bound = structlog.get_logger("heron.runs").bind(run_id=str(run.id))
-    if run.attempts == 1 and run.last_event_seq == 0:
+    if fresh:
         await _emit(ctx, progress, "run.queued", {"run_id": str(run.id)})
     await _emit(
         ctx,
@@ -390,7 +498,7 @@ async def execute_run(ctx: RunContext, run_id: uuid.UUID) -> RunStatus | None:
         {"run_id": str(run.id), "attempt": run.attempts, "resumed_after_interruption": taken_over},
     )
     messages: list[ModelMessage] = []
-    heartbeat = asyncio.create_task(_heartbeat(ctx, run), name=f"lease-{run.id}")
+    ctx.leases.hold(run.id)
     try:
         async with asyncio.timeout(ctx.run_timeout):
             status, values, messages = await _loop(ctx, progress)
@@ -408,7 +516,7 @@ async def execute_run(ctx: RunContext, run_id: uuid.UUID) -> RunStatus | None:
         await _fail(ctx, progress, messages, failure.code, failure.message)
         return RunStatus.failed
     finally:
-        heartbeat.cancel()
+        ctx.leases.release(run.id)
     if status == RunStatus.requires_action and await _cancel_requested(ctx, run):
         # Cancelled while it was pausing: the cancel wins.
         await _finish(ctx, progress, [], RunStatus.cancelled, "run.cancelled", {})
@@ -427,21 +535,6 @@ async def _cancel_requested(ctx: RunContext, run: Run) -> bool:
             )
         )
         return requested is not None
-
-
-async def _heartbeat(ctx: RunContext, run: Run) -> None:
-    """Keep the lease while the run executes, however long one step takes."""
-    while True:
-        await asyncio.sleep(LEASE.total_seconds() / 3)
-
-        async def renew(session: AsyncSession) -> None:
-            await session.execute(
-                update(Run)
-                .where(Run.id == run.id, Run.lease_owner == ctx.owner)
-                .values(lease_expires_at=utcnow() + LEASE)
-            )
-
-        await _write(ctx, renew)
 
 
 async def _fail(
@@ -511,6 +604,7 @@ async def _load(ctx: RunContext, progress: _Progress) -> tuple[list[ModelMessage
         workspace = await session.get(Workspace, run.workspace_id)
         assert workspace is not None
     progress.stored = [_Stored(m.id, m.run_id, m.raw) for m in rows]
+    progress.next_message_seq = max((m.seq for m in rows), default=0) + 1
     return conversation.load([m.raw for m in rows]), workspace
 
 
