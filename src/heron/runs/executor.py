@@ -59,6 +59,7 @@ from pydantic_ai.settings import ModelSettings
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
 from heron.agents.spec import AgentSpec, render_instructions
 from heron.core.crypto import SecretBox
@@ -66,6 +67,7 @@ from heron.core.errors import HeronError
 from heron.core.ids import new_id, utcnow
 from heron.db.engine import Database, is_transient
 from heron.providers import service as providers
+from heron.providers.connection import ProviderConnection
 from heron.providers.runtime import HttpClients, ModelRuntime
 from heron.runs import conversation
 from heron.runs.events import EventLog
@@ -421,9 +423,26 @@ async def _claim(ctx: RunContext, run_id: uuid.UUID) -> tuple[Run, bool] | None:
 
     async def work(session: AsyncSession) -> tuple[Run, bool] | None:
         now = utcnow()
-        run = await session.scalar(select(Run).where(Run.id == run_id).with_for_update())
-        if run is None:
+        earlier = aliased(Run)
+        earlier_active = (
+            select(earlier.id)
+            .where(
+                earlier.thread_id == Run.thread_id,
+                earlier.id < Run.id,
+                earlier.status.in_(
+                    [RunStatus.queued, RunStatus.running, RunStatus.requires_action]
+                ),
+            )
+            .exists()
+        )
+        found = (
+            await session.execute(
+                select(Run, earlier_active).where(Run.id == run_id).with_for_update(of=Run)
+            )
+        ).first()
+        if found is None:
             return None
+        run, waits_for_earlier = found
         claimable = run.status == RunStatus.queued or (
             run.status == RunStatus.running
             and (
@@ -436,28 +455,21 @@ async def _claim(ctx: RunContext, run_id: uuid.UUID) -> tuple[Run, bool] | None:
 
         if not claimable:
             return None
-        earlier_active = await session.scalar(
-            select(Run.id)
-            .where(
-                Run.thread_id == run.thread_id,
-                Run.id < run.id,
-                Run.status.in_([RunStatus.queued, RunStatus.running, RunStatus.requires_action]),
-            )
-            .limit(1)
-        )
-        if earlier_active is not None:
+        if waits_for_earlier:
             return None  # a thread's runs go one at a time, in order
         if run.attempts == 0:
             # The user's message joins the thread when the run starts, not when it was
             # queued: an enqueued run's message follows the answer to the run before it.
-            messages = MessageRepository(session, run.workspace_id)
             prompt = ModelRequest(parts=[UserPromptPart(content=run.input[0]["text"])])
             role, parts = conversation.api_view(prompt)
-            messages.add(
-                Message(
+            next_seq = MessageRepository(session, run.workspace_id).next_seq_query(run.thread_id)
+            await session.execute(
+                insert(Message).values(
+                    id=new_id(),
+                    workspace_id=run.workspace_id,
                     thread_id=run.thread_id,
                     run_id=run.id,
-                    seq=await messages.next_seq(run.thread_id),
+                    seq=next_seq,
                     role=role,
                     parts=parts,
                     raw=conversation.dump(prompt),
@@ -597,15 +609,24 @@ def _usage(values: dict[str, Any], run: Run) -> dict[str, int]:
     }
 
 
-async def _load(ctx: RunContext, progress: _Progress) -> tuple[list[ModelMessage], Workspace]:
+async def _load(
+    ctx: RunContext, progress: _Progress, spec: AgentSpec
+) -> tuple[list[ModelMessage], Workspace, list[ProviderConnection]]:
+    """The conversation so far, the workspace and the provider connections: one read."""
     run = progress.run
     async with ctx.db.session(write=False) as session:
         rows = await MessageRepository(session, run.workspace_id).history(run.thread_id)
         workspace = await session.get(Workspace, run.workspace_id)
         assert workspace is not None
+        connections = await providers.connections(
+            session,
+            run.workspace_id,
+            ctx.box,
+            {ref.split(":", 1)[0] for ref in [spec.model, *spec.fallbacks]},
+        )
     progress.stored = [_Stored(m.id, m.run_id, m.raw) for m in rows]
     progress.next_message_seq = max((m.seq for m in rows), default=0) + 1
-    return conversation.load([m.raw for m in rows]), workspace
+    return conversation.load([m.raw for m in rows]), workspace, connections
 
 
 async def _loop(
@@ -613,7 +634,7 @@ async def _loop(
 ) -> tuple[RunStatus, dict[str, Any], list[ModelMessage]]:
     run = progress.run
     spec = AgentSpec.model_validate(run.spec)
-    history, workspace = await _load(ctx, progress)
+    history, workspace, connections = await _load(ctx, progress, spec)
     deferred = _decisions(run)
     approvals = _Approvals(
         tools=frozenset(name for name, policy in spec.approval.items() if policy == "always"),
@@ -622,14 +643,6 @@ async def _loop(
     if deferred is None:
         history, deferred = conversation.prepare_resume(history)
     instructions = render_instructions(spec, run.variables)
-
-    async with ctx.db.session(write=False) as session:
-        connections = await providers.connections(
-            session,
-            run.workspace_id,
-            ctx.box,
-            {ref.split(":", 1)[0] for ref in [spec.model, *spec.fallbacks]},
-        )
     tool_ctx = ToolContext.for_workspace(
         run.workspace_id, allow_private_network=workspace.allow_private_network
     )
