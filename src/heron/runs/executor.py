@@ -221,8 +221,11 @@ class Leases:
 
     async def _heartbeat(self) -> None:
         while self._runs:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+            # that arrives as the wait ends, and a heartbeat that outlives its loop hangs it.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), LEASE.total_seconds() / 3)
+                async with asyncio.timeout(LEASE.total_seconds() / 3):
+                    await self._idle.wait()
             if not self._runs:
                 return
             try:
