@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import event, text
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -20,15 +21,29 @@ class Database:
     On SQLite, writes go through a second engine whose transactions start with
     `BEGIN IMMEDIATE`: a deferred transaction that reads and then writes fails at once with
     SQLITE_BUSY when another connection wrote in between, while an immediate one waits its turn.
-    Reads use deferred transactions and run beside the single writer (WAL).
+    SQLite runs one write transaction at a time anyway, so the write engine has exactly one
+    connection, and a writer waits for it as long as it takes (no pool timeout): writers queue
+    in the event loop, in order, instead of in SQLite's busy handler, and a burst of writers
+    can't run out of connections. The price: a task must never open a write session while it
+    holds another (it would wait for itself). Reads use deferred transactions on a pool of
+    `pool_size` connections (and as many more on demand) and run beside the writer (WAL).
     """
 
     def __init__(self, url: str, *, pool_size: int = 10, echo: bool = False) -> None:
         self.url = make_url(url)
         self.is_sqlite = self.url.get_backend_name() == "sqlite"
         if self.is_sqlite:
-            self.engine = _sqlite_engine(url, echo=echo, begin="BEGIN")
-            self.write_engine = _sqlite_engine(url, echo=echo, begin="BEGIN IMMEDIATE")
+            self.engine = _sqlite_engine(
+                url, echo=echo, begin="BEGIN", pool_size=pool_size, max_overflow=pool_size
+            )
+            self.write_engine = _sqlite_engine(
+                url,
+                echo=echo,
+                begin="BEGIN IMMEDIATE",
+                pool_size=1,
+                max_overflow=0,
+                pool_timeout=None,
+            )
         else:
             self.engine = create_async_engine(
                 url,
@@ -55,8 +70,8 @@ class Database:
             await self.write_engine.dispose()
 
 
-def _sqlite_engine(url: str, *, echo: bool, begin: str) -> AsyncEngine:
-    engine = create_async_engine(url, echo=echo, connect_args={"timeout": 30})
+def _sqlite_engine(url: str, *, echo: bool, begin: str, **pool: Any) -> AsyncEngine:
+    engine = create_async_engine(url, echo=echo, connect_args={"timeout": 30}, **pool)
 
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -77,3 +92,26 @@ def _sqlite_engine(url: str, *, echo: bool, begin: str) -> AsyncEngine:
         conn.exec_driver_sql(begin)
 
     return engine
+
+
+# SQLSTATEs worth a second try of the whole transaction: serialization failure, deadlock, the
+# server going away or not taking connections yet.
+_TRANSIENT_SQLSTATES = ("40001", "40P01", "08", "57P01", "57P02", "57P03", "53300")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether running the same transaction again may succeed: SQLite busy or locked, a
+    PostgreSQL serialization failure or deadlock, a lost connection, no pooled connection free
+    in time."""
+    if isinstance(exc, (sa_exc.TimeoutError, OSError)):
+        return True
+    if isinstance(exc, sa_exc.DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        state = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+        if isinstance(state, str) and state.startswith(_TRANSIENT_SQLSTATES):
+            return True
+        if isinstance(exc, sa_exc.OperationalError):
+            text = str(exc.orig).lower()
+            return "database is locked" in text or "database is busy" in text
+    return False

@@ -1,9 +1,14 @@
 """pydantic-ai models built from a workspace's provider connections.
 
 A model reference is `provider-name:model-name`, split on the first colon
-(`local-ollama:qwen3:8b` is model `qwen3:8b` of provider `local-ollama`). Each provider gets one
-HTTP client, owned by the `ModelRuntime` that made it and closed when the runtime closes; nothing
-is cached beyond a runtime's life.
+(`local-ollama:qwen3:8b` is model `qwen3:8b` of provider `local-ollama`).
+
+HTTP clients come from an `HttpClients`: a process gives every runtime the same one, so runs reuse
+kept-alive connections and never build a TLS context of their own (that costs tens of
+milliseconds of CPU, on the event loop); a runtime made without one has private clients, closed
+with it. Clients are shared between connections whose client settings (headers, timeout, retry
+policy) are equal; credentials and base URLs belong to the providers, not the clients, and the
+clients keep no cookies, so nothing of one connection's requests reaches another's.
 
 Transient failures are retried below the SDK, in the HTTP transport, by pydantic-ai's tenacity
 transport: 408, 429, 5xx and connection errors, with exponential backoff and jitter, honouring
@@ -15,10 +20,13 @@ itself was refused (400, 401, 404...).
 
 from __future__ import annotations
 
+import ssl
 import warnings
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from types import TracebackType
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -75,6 +83,89 @@ class RetryPolicy:
 
 NO_RETRY = RetryPolicy(attempts=1)
 
+# As pydantic-ai's and the SDKs' own clients: many runs of a process share one client.
+_LIMITS = {"max_connections": 1000, "max_keepalive_connections": 100}
+
+
+class HttpClients:
+    """HTTP clients to model providers, shared by the runtimes given this object; each is made on
+    first use and lives until `aclose()` (a process closes it when it stops)."""
+
+    def __init__(self) -> None:
+        self._clients: dict[tuple[Any, ...], httpx2.AsyncClient | httpx.AsyncClient] = {}
+        self._tls: ssl.SSLContext | None = None
+
+    def tls(self) -> ssl.SSLContext:
+        """One TLS context for every client: building one is slow, using one is not."""
+        if self._tls is None:
+            self._tls = httpx2.create_ssl_context()
+        return self._tls
+
+    def httpx2(self, connection: ProviderConnection, retry: RetryPolicy) -> httpx2.AsyncClient:
+        key = ("httpx2", *_client_key(connection, retry))
+        client = self._clients.get(key)
+        if isinstance(client, httpx2.AsyncClient):
+            return client
+        transport: httpx2.AsyncBaseTransport = httpx2.AsyncHTTPTransport(
+            verify=self.tls(), limits=httpx2.Limits(**_LIMITS)
+        )
+        if retry.attempts > 1:
+            transport = AsyncHTTPX2TenacityTransport(
+                _retry_config(retry, httpx2.HTTPStatusError, httpx2.TransportError),
+                wrapped=_ReadRetryableBodies(transport),
+                validate_response=_raise_for_retryable_status,
+            )
+        # The URL comes from a workspace admin and may be private (Ollama on localhost):
+        # reaching it is the point of an openai-compatible connection, so nothing filters it.
+        client = create_async_httpx2_client(timeout=_timeout(connection), transport=transport)
+        client.headers.update(connection.headers)
+        client.cookies = _no_cookies()  # a jar that refuses every cookie
+        self._clients[key] = client
+        return client
+
+    def httpx(self, connection: ProviderConnection, retry: RetryPolicy) -> httpx.AsyncClient:
+        """The Groq SDK still takes a legacy `httpx` client, with pydantic-ai's legacy transport."""
+        key = ("httpx", *_client_key(connection, retry))
+        client = self._clients.get(key)
+        if isinstance(client, httpx.AsyncClient):
+            return client
+        transport: httpx.AsyncBaseTransport = httpx.AsyncHTTPTransport(
+            verify=self.tls(), limits=httpx.Limits(**_LIMITS)
+        )
+        if retry.attempts > 1:
+            with warnings.catch_warnings():
+                # Deprecated with legacy httpx itself, which is all the groq SDK accepts.
+                warnings.simplefilter("ignore")
+                legacy: AsyncTenacityTransport = AsyncTenacityTransport(
+                    _retry_config(retry, httpx.HTTPStatusError, httpx.TransportError),
+                    wrapped=_ReadRetryableBodiesLegacy(transport),
+                    validate_response=_raise_for_retryable_status,
+                )
+            transport = legacy
+        t = connection.timeout_seconds
+        client = httpx.AsyncClient(
+            timeout=httpx.Timeout(t, connect=min(t, 10.0)),
+            transport=transport,
+            headers=connection.headers,
+            cookies=_no_cookies(),
+            verify=self.tls(),
+        )
+        self._clients[key] = client
+        return client
+
+    async def aclose(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.aclose()
+
+
+def _client_key(connection: ProviderConnection, retry: RetryPolicy) -> tuple[Any, ...]:
+    return (tuple(sorted(connection.headers.items())), connection.timeout_seconds, retry)
+
+
+def _no_cookies() -> CookieJar:
+    return CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
+
 
 class UnknownModelReference(ValidationFailed):
     """A model reference that is malformed or names no provider of the workspace."""
@@ -110,11 +201,16 @@ class ModelRuntime:
     """
 
     def __init__(
-        self, connections: Iterable[ProviderConnection], *, retry: RetryPolicy = RetryPolicy()
+        self,
+        connections: Iterable[ProviderConnection],
+        *,
+        retry: RetryPolicy = RetryPolicy(),
+        clients: HttpClients | None = None,
     ) -> None:
         self._connections = {c.name: c for c in connections}
         self._retry = retry
-        self._clients: dict[str, httpx2.AsyncClient | httpx.AsyncClient] = {}
+        self._owns_clients = clients is None
+        self._clients = clients if clients is not None else HttpClients()
         self._built: list[tuple[ModelRef, Model]] = []
 
     async def __aenter__(self) -> ModelRuntime:
@@ -129,9 +225,8 @@ class ModelRuntime:
         await self.aclose()
 
     async def aclose(self) -> None:
-        clients, self._clients = list(self._clients.values()), {}
-        for client in clients:
-            await client.aclose()
+        if self._owns_clients:
+            await self._clients.aclose()
 
     def model(self, ref: str | ModelRef, *, field: str = "model") -> Model:
         """The model a reference names. Raises UnknownModelReference naming `field`."""
@@ -244,69 +339,31 @@ class ModelRuntime:
         raise AssertionError(f"unhandled provider kind {kind}")
 
     def _httpx2_client(self, connection: ProviderConnection) -> httpx2.AsyncClient:
-        client = self._clients.get(connection.name)
-        if isinstance(client, httpx2.AsyncClient):
-            return client
-        transport: httpx2.AsyncBaseTransport = httpx2.AsyncHTTPTransport()
-        if self._retry.attempts > 1:
-            transport = AsyncHTTPX2TenacityTransport(
-                self._retry_config(httpx2.HTTPStatusError, httpx2.TransportError),
-                wrapped=_ReadRetryableBodies(transport),
-                validate_response=_raise_for_retryable_status,
-            )
-        # The URL comes from a workspace admin and may be private (Ollama on localhost):
-        # reaching it is the point of an openai-compatible connection, so nothing filters it.
-        client = create_async_httpx2_client(timeout=_timeout(connection), transport=transport)
-        client.headers.update(connection.headers)
-        self._clients[connection.name] = client
-        return client
+        return self._clients.httpx2(connection, self._retry)
 
     def _httpx_client(self, connection: ProviderConnection) -> httpx.AsyncClient:
-        """The Groq SDK still takes a legacy `httpx` client, with pydantic-ai's legacy transport."""
-        client = self._clients.get(connection.name)
-        if isinstance(client, httpx.AsyncClient):
-            return client
-        transport: httpx.AsyncBaseTransport = httpx.AsyncHTTPTransport()
-        if self._retry.attempts > 1:
-            with warnings.catch_warnings():
-                # Deprecated with legacy httpx itself, which is all the groq SDK accepts.
-                warnings.simplefilter("ignore")
-                legacy: AsyncTenacityTransport = AsyncTenacityTransport(
-                    self._retry_config(httpx.HTTPStatusError, httpx.TransportError),
-                    wrapped=_ReadRetryableBodiesLegacy(transport),
-                    validate_response=_raise_for_retryable_status,
-                )
-            transport = legacy
-        t = connection.timeout_seconds
-        client = httpx.AsyncClient(
-            timeout=httpx.Timeout(t, connect=min(t, 10.0)),
-            transport=transport,
-            headers=connection.headers,
-        )
-        self._clients[connection.name] = client
-        return client
+        return self._clients.httpx(connection, self._retry)
 
-    def _retry_config(self, *transient: type[Exception]) -> RetryConfig:
-        policy = self._retry
 
-        def is_transient(exc: BaseException) -> bool:
-            # validate_response raises HTTPStatusError only for RETRYABLE_STATUSES.
-            return isinstance(exc, transient)
+def _retry_config(policy: RetryPolicy, *transient: type[Exception]) -> RetryConfig:
+    def is_transient(exc: BaseException) -> bool:
+        # validate_response raises HTTPStatusError only for RETRYABLE_STATUSES.
+        return isinstance(exc, transient)
 
-        config = RetryConfig(
-            retry=retry_if_exception(is_transient),
-            wait=wait_retry_after(
-                fallback_strategy=wait_exponential_jitter(
-                    initial=policy.initial_wait, max=policy.max_wait, jitter=policy.jitter
-                ),
-                max_wait=policy.max_retry_after,
+    config = RetryConfig(
+        retry=retry_if_exception(is_transient),
+        wait=wait_retry_after(
+            fallback_strategy=wait_exponential_jitter(
+                initial=policy.initial_wait, max=policy.max_wait, jitter=policy.jitter
             ),
-            stop=stop_after_attempt(policy.attempts),
-            reraise=True,
-        )
-        if policy.sleep is not None:
-            config["sleep"] = policy.sleep
-        return config
+            max_wait=policy.max_retry_after,
+        ),
+        stop=stop_after_attempt(policy.attempts),
+        reraise=True,
+    )
+    if policy.sleep is not None:
+        config["sleep"] = policy.sleep
+    return config
 
 
 def _raise_for_retryable_status(response: httpx2.Response | httpx.Response) -> None:
@@ -371,6 +428,7 @@ __all__ = [
     "NO_RETRY",
     "PROVIDER_FAILURES",
     "RETRYABLE_STATUSES",
+    "HttpClients",
     "ModelRef",
     "ModelRuntime",
     "RetryPolicy",

@@ -12,14 +12,17 @@ global and a per-workspace concurrency limit; a thread's runs execute one at a t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import random
 import socket
 import time
 import uuid
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import jsonschema
 import structlog
@@ -53,17 +56,19 @@ from pydantic_ai.exceptions import (
     UsageLimitExceeded,
 )
 from pydantic_ai.settings import ModelSettings
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
 from heron.agents.spec import AgentSpec, render_instructions
 from heron.core.crypto import SecretBox
 from heron.core.errors import HeronError
 from heron.core.ids import new_id, utcnow
-from heron.db.engine import Database
+from heron.db.engine import Database, is_transient
 from heron.providers import service as providers
-from heron.providers.runtime import ModelRuntime
+from heron.providers.connection import ProviderConnection
+from heron.providers.runtime import HttpClients, ModelRuntime
 from heron.runs import conversation
 from heron.runs.events import EventLog
 from heron.runs.models import Run, RunEvent, RunStatus, Step
@@ -75,6 +80,11 @@ from heron.tools.toolset import agent_tool
 
 log = structlog.get_logger("heron.runs")
 LEASE = timedelta(seconds=30)
+# A write that meets a transient database failure (busy, lost connection...) is tried again
+# this many times in all, after short growing waits, before the execution gives up.
+WRITE_ATTEMPTS = 8
+WRITE_BACKOFF = 0.05
+T = TypeVar("T")
 
 
 class RunFailure(Exception):
@@ -100,13 +110,48 @@ class _Progress:
     run: Run
     seq: int
     stored: list[_Stored] = field(default_factory=list)
-    events: list[RunEvent] = field(default_factory=list)
-    steps: list[Step] = field(default_factory=list)
+    next_message_seq: int = 1  # the run holds its thread: nobody else adds messages meanwhile
+    # pydantic-ai's messages dumped so far, by identity (the message is kept alive with its dump).
+    dumps: dict[int, tuple[ModelMessage, dict[str, Any]]] = field(default_factory=dict)
+    # Rows not yet written, as column values: written with one INSERT per table, and written
+    # again as they are when a transaction has to be tried again.
+    events: list[dict[str, Any]] = field(default_factory=list)
+    steps: list[dict[str, Any]] = field(default_factory=list)
     step_index: int = 0
+
+    def step(
+        self,
+        kind: str,
+        name: str,
+        *,
+        started_at: Any,
+        duration_ms: float,
+        tool_call_id: str | None = None,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        error: str | None = None,
+    ) -> None:
+        self.steps.append(
+            {
+                "workspace_id": self.run.workspace_id,
+                "run_id": self.run.id,
+                "index": self.step_index,
+                "kind": kind,
+                "name": name,
+                "tool_call_id": tool_call_id,
+                "started_at": started_at,
+                "duration_ms": duration_ms,
+                "input_tokens": input_tokens,
+                "output_tokens": output_tokens,
+                "error": error,
+            }
+        )
+        self.step_index += 1
 
 
 class RunContext:
-    """Everything an execution needs from the process: database, event log, secrets."""
+    """Everything an execution needs from the process: database, event log, secrets, the HTTP
+    clients to model providers. `aclose()` releases what it holds once no run executes."""
 
     def __init__(
         self,
@@ -125,6 +170,76 @@ class RunContext:
         # Set while the process stops: cancelled tasks then leave their runs to be continued
         # (by this process' next start, or another worker once the lease lapses).
         self.stopping = False
+        self.http = HttpClients()
+        self.leases = Leases(self)
+
+    async def aclose(self) -> None:
+        await self.leases.aclose()
+        await self.http.aclose()
+
+
+class Leases:
+    """The leases of the runs this process executes, kept by one heartbeat for them all: one
+    UPDATE every third of a lease, however many runs execute (a task per run made a third of
+    all writes at 500 runs). The heartbeat runs while there are leases to keep."""
+
+    def __init__(self, ctx: RunContext) -> None:
+        self._ctx = ctx
+        self._runs: set[uuid.UUID] = set()
+        self._beat: asyncio.Task[None] | None = None
+        self._idle = asyncio.Event()
+
+    def hold(self, run_id: uuid.UUID) -> None:
+        self._runs.add(run_id)
+        self._idle.clear()
+        if self._beat is None or self._beat.done():
+            self._beat = asyncio.create_task(self._heartbeat(), name="run-leases")
+
+    def release(self, run_id: uuid.UUID) -> None:
+        self._runs.discard(run_id)
+        if not self._runs:
+            self._idle.set()  # the heartbeat ends now, not at its next beat
+
+    async def renew(self) -> None:
+        """Extend every held lease that is still this process' (a run taken over by another
+        process keeps the other's)."""
+        held = list(self._runs)
+        if not held:
+            return
+        ctx = self._ctx
+
+        async def work(session: AsyncSession) -> None:
+            until = utcnow() + LEASE
+            for at in range(0, len(held), 500):
+                await session.execute(
+                    update(Run)
+                    .where(Run.id.in_(held[at : at + 500]), Run.lease_owner == ctx.owner)
+                    .values(lease_expires_at=until)
+                )
+
+        await _write(ctx, work)
+
+    async def _heartbeat(self) -> None:
+        while self._runs:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+            # that arrives as the wait ends, and a heartbeat that outlives its loop hangs it.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(LEASE.total_seconds() / 3):
+                    await self._idle.wait()
+            if not self._runs:
+                return
+            try:
+                await self.renew()
+            except (OSError, SQLAlchemyError) as exc:  # the database is away: try next time
+                log.warning("lease_renewal_failed", runs=len(self._runs), error=str(exc)[:300])
+
+    async def aclose(self) -> None:
+        self._runs.clear()
+        self._idle.set()
+        if self._beat is not None:
+            self._beat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._beat
 
 
 async def _emit(
@@ -134,14 +249,62 @@ async def _emit(
     if live:
         await ctx.events.append(progress.run.id, progress.seq, type, data)
     progress.events.append(
-        RunEvent(
-            workspace_id=progress.run.workspace_id,
-            run_id=progress.run.id,
-            seq=progress.seq,
-            type=type,
-            data=data,
-        )
+        {
+            "workspace_id": progress.run.workspace_id,
+            "run_id": progress.run.id,
+            "seq": progress.seq,
+            "type": type,
+            "data": data,
+        }
     )
+
+
+async def _write(ctx: RunContext, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+    """`work` in one write transaction, run again from the start after a transient failure.
+
+    A task must not open another write session inside `work`: on SQLite the write engine has a
+    single connection, which this transaction holds."""
+    attempt = 1
+    while True:
+        try:
+            async with ctx.db.session(write=True) as session, session.begin():
+                return await work(session)
+        except (SQLAlchemyError, OSError) as exc:
+            if attempt >= WRITE_ATTEMPTS or not is_transient(exc):
+                raise
+            log.warning("run_write_retried", attempt=attempt, error=str(exc)[:300])
+            await asyncio.sleep(WRITE_BACKOFF * 2 ** (attempt - 1) * (0.5 + random.random()))  # noqa: S311 (jitter)
+            attempt += 1
+
+
+# Fields pydantic-ai fills in on a message once the request is made (a stored prompt has none
+# yet): a stored row that lacks only these still holds the same message and is kept as it is.
+_FILLED_IN = ("timestamp", "instructions", "run_id", "conversation_id")
+
+
+def _same_message(stored: dict[str, Any], dump: dict[str, Any]) -> bool:
+    if stored is dump or stored == dump:
+        return True
+    if stored.keys() != dump.keys():
+        return False
+    return all(stored[k] == v or (k in _FILLED_IN and stored[k] is None) for k, v in dump.items())
+
+
+def _dumps(progress: _Progress, messages: list[ModelMessage]) -> list[dict[str, Any]]:
+    """Each message's stored form. A message seen before is not dumped again, except the last
+    two: the request being made and its answer are still filled in by pydantic-ai."""
+    cache, fresh = progress.dumps, {}
+    dumps = []
+    for index, message in enumerate(messages):
+        hit = cache.get(id(message))
+        if hit is not None and hit[0] is message and index < len(messages) - 2:
+            dump = hit[1]
+        else:
+            dump = conversation.dump(message)
+        fresh[id(message)] = (message, dump)
+        dumps.append(dump)
+    progress.dumps = fresh
+    return dumps
 
 
 async def _checkpoint(
@@ -153,46 +316,54 @@ async def _checkpoint(
     """Write what happened since the last checkpoint, in one transaction, and renew the lease.
     `messages` is the whole conversation as the run sees it; None leaves the stored one as is."""
     run = progress.run
-    if messages is None:
-        async with ctx.db.session(write=True) as session, session.begin():
-            await _write_progress(session, progress, run_values)
-        progress.events, progress.steps = [], []
-        return
-    # pydantic-ai repairs the history it is given (it merges adjacent requests, for one), so
-    # the stored conversation is brought in line with the run's: the rows from the first
-    # difference on are replaced. Usually that is just the messages added since last time.
-    dumps = [conversation.dump(m) for m in messages]
-    first = 0
-    while (
-        first < len(dumps)
-        and first < len(progress.stored)
-        and progress.stored[first].raw == dumps[first]
-    ):
-        first += 1
-    replaced = progress.stored[first:]
-    async with ctx.db.session(write=True) as session, session.begin():
-        repo = MessageRepository(session, run.workspace_id)
-        if replaced:
-            await repo.delete_ids([r.id for r in replaced])
-        seq = await repo.next_seq(run.thread_id)
-        kept = progress.stored[:first]
+    kept = progress.stored
+    replaced: list[_Stored] = []
+    added: list[dict[str, Any]] = []
+    if messages is not None:
+        # pydantic-ai repairs the history it is given (it merges adjacent requests, for one),
+        # so the stored conversation is brought in line with the run's: the rows from the first
+        # difference on are replaced. Usually that is just the messages added since last time.
+        dumps = _dumps(progress, messages)
+        first = 0
+        kept = []
+        while (
+            first < len(dumps)
+            and first < len(progress.stored)
+            and _same_message(progress.stored[first].raw, dumps[first])
+        ):
+            # Compared against the latest dump from now on: equal at once next time.
+            kept.append(
+                _Stored(progress.stored[first].id, progress.stored[first].run_id, dumps[first])
+            )
+            first += 1
+        replaced = progress.stored[first:]
         for offset, (message, raw) in enumerate(zip(messages[first:], dumps[first:], strict=True)):
             role, parts = conversation.api_view(message)
             owner = replaced[offset].run_id if offset < len(replaced) else run.id
-            row = repo.add(
-                Message(
-                    id=new_id(),  # known now, not at flush: the next checkpoint may replace it
-                    thread_id=run.thread_id,
-                    run_id=owner,
-                    seq=seq + offset,
-                    role=role,
-                    parts=parts,
-                    raw=raw,
-                )
-            )
-            kept.append(_Stored(row.id, owner, raw))
+            # The id is known now, not at flush: the next checkpoint may replace the row.
+            row_id = new_id()
+            added.append({"id": row_id, "run_id": owner, "role": role, "parts": parts, "raw": raw})
+            kept.append(_Stored(row_id, owner, raw))
+    if not (replaced or added or progress.steps or run_values):
+        # Only events (a run's first `run.started`, say): they go with the next write, and a
+        # takeover announces itself with event ids above anything this execution streamed.
+        return
+    seq = progress.next_message_seq
+
+    async def work(session: AsyncSession) -> None:
+        if replaced:
+            await MessageRepository(session, run.workspace_id).delete_ids([r.id for r in replaced])
+        if added:
+            rows = [
+                {"workspace_id": run.workspace_id, "thread_id": run.thread_id, "seq": seq + i} | row
+                for i, row in enumerate(added)
+            ]
+            await session.execute(insert(Message), rows)
         await _write_progress(session, progress, run_values)
+
+    await _write(ctx, work)
     progress.stored = kept
+    progress.next_message_seq = seq + len(added)
     progress.events, progress.steps = [], []
 
 
@@ -239,8 +410,10 @@ async def _write_progress(
 ) -> None:
     """Steps and events since the last checkpoint, the run's new values, a renewed lease."""
     run = progress.run
-    session.add_all(progress.steps)
-    session.add_all(progress.events)
+    if progress.steps:
+        await session.execute(insert(Step), progress.steps)
+    if progress.events:
+        await session.execute(insert(RunEvent), progress.events)
     values = {"last_event_seq": progress.seq, "lease_expires_at": utcnow() + LEASE, **run_values}
     await session.execute(
         update(Run).where(Run.id == run.id, Run.workspace_id == run.workspace_id).values(**values)
@@ -250,11 +423,29 @@ async def _write_progress(
 async def _claim(ctx: RunContext, run_id: uuid.UUID) -> tuple[Run, bool] | None:
     """Take a queued run (or one whose lease lapsed) for this process; True when taken over
     from an execution that stopped mid-way."""
-    now = utcnow()
-    async with ctx.db.session(write=True) as session, session.begin():
-        run = await session.scalar(select(Run).where(Run.id == run_id).with_for_update())
-        if run is None:
+
+    async def work(session: AsyncSession) -> tuple[Run, bool] | None:
+        now = utcnow()
+        earlier = aliased(Run)
+        earlier_active = (
+            select(earlier.id)
+            .where(
+                earlier.thread_id == Run.thread_id,
+                earlier.id < Run.id,
+                earlier.status.in_(
+                    [RunStatus.queued, RunStatus.running, RunStatus.requires_action]
+                ),
+            )
+            .exists()
+        )
+        found = (
+            await session.execute(
+                select(Run, earlier_active).where(Run.id == run_id).with_for_update(of=Run)
+            )
+        ).first()
+        if found is None:
             return None
+        run, waits_for_earlier = found
         claimable = run.status == RunStatus.queued or (
             run.status == RunStatus.running
             and (
@@ -267,28 +458,21 @@ async def _claim(ctx: RunContext, run_id: uuid.UUID) -> tuple[Run, bool] | None:
 
         if not claimable:
             return None
-        earlier_active = await session.scalar(
-            select(Run.id)
-            .where(
-                Run.thread_id == run.thread_id,
-                Run.id < run.id,
-                Run.status.in_([RunStatus.queued, RunStatus.running, RunStatus.requires_action]),
-            )
-            .limit(1)
-        )
-        if earlier_active is not None:
+        if waits_for_earlier:
             return None  # a thread's runs go one at a time, in order
         if run.attempts == 0:
             # The user's message joins the thread when the run starts, not when it was
             # queued: an enqueued run's message follows the answer to the run before it.
-            messages = MessageRepository(session, run.workspace_id)
             prompt = ModelRequest(parts=[UserPromptPart(content=run.input[0]["text"])])
             role, parts = conversation.api_view(prompt)
-            messages.add(
-                Message(
+            next_seq = MessageRepository(session, run.workspace_id).next_seq_query(run.thread_id)
+            await session.execute(
+                insert(Message).values(
+                    id=new_id(),
+                    workspace_id=run.workspace_id,
                     thread_id=run.thread_id,
                     run_id=run.id,
-                    seq=await messages.next_seq(run.thread_id),
+                    seq=next_seq,
                     role=role,
                     parts=parts,
                     raw=conversation.dump(prompt),
@@ -306,6 +490,8 @@ async def _claim(ctx: RunContext, run_id: uuid.UUID) -> tuple[Run, bool] | None:
         session.expunge(run)
         return run, taken_over
 
+    return await _write(ctx, work)
+
 
 async def execute_run(ctx: RunContext, run_id: uuid.UUID) -> RunStatus | None:
     """Execute a run until it ends or pauses. Returns its status, or None if not claimable."""
@@ -313,9 +499,12 @@ async def execute_run(ctx: RunContext, run_id: uuid.UUID) -> RunStatus | None:
     if claimed is None:
         return None
     run, taken_over = claimed
-    progress = _Progress(run=run, seq=run.last_event_seq, step_index=await _steps_done(ctx, run))
+    fresh = run.attempts == 1 and run.last_event_seq == 0  # nothing of it written yet
+    progress = _Progress(
+        run=run, seq=run.last_event_seq, step_index=0 if fresh else await _steps_done(ctx, run)
+    )
     bound = structlog.get_logger("heron.runs").bind(run_id=str(run.id))
-    if run.attempts == 1 and run.last_event_seq == 0:
+    if fresh:
         await _emit(ctx, progress, "run.queued", {"run_id": str(run.id)})
     await _emit(
         ctx,
@@ -324,7 +513,7 @@ async def execute_run(ctx: RunContext, run_id: uuid.UUID) -> RunStatus | None:
         {"run_id": str(run.id), "attempt": run.attempts, "resumed_after_interruption": taken_over},
     )
     messages: list[ModelMessage] = []
-    heartbeat = asyncio.create_task(_heartbeat(ctx, run), name=f"lease-{run.id}")
+    ctx.leases.hold(run.id)
     try:
         async with asyncio.timeout(ctx.run_timeout):
             status, values, messages = await _loop(ctx, progress)
@@ -342,7 +531,7 @@ async def execute_run(ctx: RunContext, run_id: uuid.UUID) -> RunStatus | None:
         await _fail(ctx, progress, messages, failure.code, failure.message)
         return RunStatus.failed
     finally:
-        heartbeat.cancel()
+        ctx.leases.release(run.id)
     if status == RunStatus.requires_action and await _cancel_requested(ctx, run):
         # Cancelled while it was pausing: the cancel wins.
         await _finish(ctx, progress, [], RunStatus.cancelled, "run.cancelled", {})
@@ -361,18 +550,6 @@ async def _cancel_requested(ctx: RunContext, run: Run) -> bool:
             )
         )
         return requested is not None
-
-
-async def _heartbeat(ctx: RunContext, run: Run) -> None:
-    """Keep the lease while the run executes, however long one step takes."""
-    while True:
-        await asyncio.sleep(LEASE.total_seconds() / 3)
-        async with ctx.db.session(write=True) as session, session.begin():
-            await session.execute(
-                update(Run)
-                .where(Run.id == run.id, Run.lease_owner == ctx.owner)
-                .values(lease_expires_at=utcnow() + LEASE)
-            )
 
 
 async def _fail(
@@ -435,14 +612,24 @@ def _usage(values: dict[str, Any], run: Run) -> dict[str, int]:
     }
 
 
-async def _load(ctx: RunContext, progress: _Progress) -> tuple[list[ModelMessage], Workspace]:
+async def _load(
+    ctx: RunContext, progress: _Progress, spec: AgentSpec
+) -> tuple[list[ModelMessage], Workspace, list[ProviderConnection]]:
+    """The conversation so far, the workspace and the provider connections: one read."""
     run = progress.run
     async with ctx.db.session(write=False) as session:
         rows = await MessageRepository(session, run.workspace_id).history(run.thread_id)
         workspace = await session.get(Workspace, run.workspace_id)
         assert workspace is not None
+        connections = await providers.connections(
+            session,
+            run.workspace_id,
+            ctx.box,
+            {ref.split(":", 1)[0] for ref in [spec.model, *spec.fallbacks]},
+        )
     progress.stored = [_Stored(m.id, m.run_id, m.raw) for m in rows]
-    return conversation.load([m.raw for m in rows]), workspace
+    progress.next_message_seq = max((m.seq for m in rows), default=0) + 1
+    return conversation.load([m.raw for m in rows]), workspace, connections
 
 
 async def _loop(
@@ -450,7 +637,7 @@ async def _loop(
 ) -> tuple[RunStatus, dict[str, Any], list[ModelMessage]]:
     run = progress.run
     spec = AgentSpec.model_validate(run.spec)
-    history, workspace = await _load(ctx, progress)
+    history, workspace, connections = await _load(ctx, progress, spec)
     deferred = _decisions(run)
     approvals = _Approvals(
         tools=frozenset(name for name, policy in spec.approval.items() if policy == "always"),
@@ -459,14 +646,6 @@ async def _loop(
     if deferred is None:
         history, deferred = conversation.prepare_resume(history)
     instructions = render_instructions(spec, run.variables)
-
-    async with ctx.db.session(write=False) as session:
-        connections = await providers.connections(
-            session,
-            run.workspace_id,
-            ctx.box,
-            {ref.split(":", 1)[0] for ref in [spec.model, *spec.fallbacks]},
-        )
     tool_ctx = ToolContext.for_workspace(
         run.workspace_id, allow_private_network=workspace.allow_private_network
     )
@@ -504,7 +683,7 @@ async def _loop(
     input_tokens, output_tokens = run.input_tokens, run.output_tokens
     tool_started: dict[str, float] = {}
     messages: list[ModelMessage] = list(history)
-    async with ModelRuntime(connections) as runtime:
+    async with ModelRuntime(connections, clients=ctx.http) as runtime:
         try:
             model = runtime.fallback_model(spec.model, spec.fallbacks, fallbacks_field="fallbacks")
         except HeronError as exc:
@@ -548,20 +727,14 @@ async def _loop(
                         )
                         input_tokens += response.usage.input_tokens
                         output_tokens += response.usage.output_tokens
-                        progress.steps.append(
-                            Step(
-                                workspace_id=run.workspace_id,
-                                run_id=run.id,
-                                index=progress.step_index,
-                                kind="model",
-                                name=model_name,
-                                started_at=begun,
-                                duration_ms=(time.perf_counter() - started) * 1000,
-                                input_tokens=response.usage.input_tokens,
-                                output_tokens=response.usage.output_tokens,
-                            )
+                        progress.step(
+                            "model",
+                            model_name,
+                            started_at=begun,
+                            duration_ms=(time.perf_counter() - started) * 1000,
+                            input_tokens=response.usage.input_tokens,
+                            output_tokens=response.usage.output_tokens,
                         )
-                        progress.step_index += 1
                         _, parts = conversation.api_view(response)
                         await _emit(
                             ctx,
@@ -656,20 +829,14 @@ async def _tool_event(
         content = (
             part.model_response_str() if hasattr(part, "model_response_str") else str(part.content)
         )
-        progress.steps.append(
-            Step(
-                workspace_id=progress.run.workspace_id,
-                run_id=progress.run.id,
-                index=progress.step_index,
-                kind="tool",
-                name=part.tool_name or "",
-                tool_call_id=event.tool_call_id,
-                started_at=utcnow(),
-                duration_ms=(time.perf_counter() - began) * 1000,
-                error=content if failed else None,
-            )
+        progress.step(
+            "tool",
+            part.tool_name or "",
+            tool_call_id=event.tool_call_id,
+            started_at=utcnow(),
+            duration_ms=(time.perf_counter() - began) * 1000,
+            error=content if failed else None,
         )
-        progress.step_index += 1
         key = "error" if failed else "result"
         await _emit(
             ctx,

@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import ScalarSelect, delete, func, select
 
 from heron.core.pagination import PageParams
 from heron.db.repository import WorkspaceRepository
@@ -47,13 +47,13 @@ class MessageRepository(WorkspaceRepository[Message]):
             )
         ).all()
 
-    async def next_seq(self, thread_id: uuid.UUID) -> int:
-        last = await self.session.scalar(
-            select(func.max(Message.seq)).where(
-                Message.workspace_id == self.workspace_id, Message.thread_id == thread_id
-            )
+    def next_seq_query(self, thread_id: uuid.UUID) -> ScalarSelect[int]:
+        """The thread's next message seq, as a subquery (an INSERT can take it as a value)."""
+        return (
+            select(func.coalesce(func.max(Message.seq), 0) + 1)
+            .where(Message.workspace_id == self.workspace_id, Message.thread_id == thread_id)
+            .scalar_subquery()
         )
-        return int(last or 0) + 1
 
     async def delete_ids(self, ids: list[uuid.UUID]) -> None:
         await self.session.execute(

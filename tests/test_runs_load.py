@@ -1,0 +1,141 @@
+"""Runs under load: many at once in one process, each executed once, none lost."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from conftest import TEST_SECRET, make_tenant, serve
+from fakes.openai_server import FakeOpenAI, Reply, ToolCall
+from test_runs import make_agent, new_thread, read_sse
+
+RUNS = 60
+
+
+@pytest.fixture
+async def slow_llm() -> AsyncIterator[tuple[FakeOpenAI, str]]:
+    """Every answer takes a while: runs overlap, and so do their writes."""
+    fake = FakeOpenAI(api_key="sk-test-runs-0123456789", models=["small", "big"])
+
+    def answer(request: Any) -> Reply:
+        asked = request.body["messages"]
+        if asked[-1]["role"] == "tool":
+            return Reply(text="Done: " + "x" * 40, chunk_size=2, chunk_delay=0.01)
+        return Reply(
+            tool_calls=[ToolCall("calculator", {"expression": "6*7"})], first_byte_delay=0.2
+        )
+
+    fake.handler = answer
+    async with fake.serve() as url:
+        yield fake, url
+
+
+async def test_many_concurrent_runs_all_complete_each_executed_once(
+    tmp_path: Path, database_url: str, scale_out: str | None, slow_llm: tuple[FakeOpenAI, str]
+) -> None:
+    from heron.app import create_app
+    from heron.settings import (
+        AuthSettings,
+        DatabaseSettings,
+        RedisSettings,
+        RunsSettings,
+        load_settings,
+    )
+
+    _, url = slow_llm
+    settings = load_settings(
+        home=tmp_path,
+        database=DatabaseSettings(url=database_url, pool_size=2),
+        redis=RedisSettings(url=scale_out),
+        auth=AuthSettings(secret_key=SecretStr(TEST_SECRET)),
+        runs=RunsSettings(max_concurrency=RUNS, per_workspace_concurrency=RUNS),
+    )
+    app = create_app(settings)
+    limits = httpx.Limits(max_connections=RUNS + 10, max_keepalive_connections=RUNS + 10)
+    async with (
+        serve(app) as base,
+        httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client,
+    ):
+        alice = await make_tenant(app.state.db, "Alice", password=None)
+        await make_agent(client, alice, url, tools=["calculator"])
+        threads = [await new_thread(client, alice) for _ in range(RUNS)]
+
+        async def one(thread: str) -> list[dict[str, Any]]:
+            async with client.stream(
+                "POST",
+                f"/api/threads/{thread}/runs",
+                json={"agent": "helper", "input": "6*7?", "stream": True},
+                headers=alice.headers,
+            ) as response:
+                assert response.status_code == 200
+                return await read_sse(response)
+
+        streams = await asyncio.gather(*(one(t) for t in threads))
+        for events in streams:
+            kinds = [e["event"] for e in events]
+            assert kinds[-1] == "run.completed", kinds
+            started = [e["data"] for e in events if e["event"] == "run.started"]
+            assert started == [
+                {"run_id": started[0]["run_id"], "attempt": 1, "resumed_after_interruption": False}
+            ]
+            assert kinds.count("tool_call.completed") == 1
+        # Nothing was left for a second execution: each run's events are its only ones.
+        await asyncio.sleep(0.1)
+        for events in streams:
+            run_id = events[0]["data"]["run_id"]
+            async with client.stream(
+                "GET", f"/api/runs/{run_id}/events", headers=alice.headers
+            ) as response:
+                stored = await read_sse(response)
+            assert [e["id"] for e in stored] == list(range(1, len(stored) + 1))
+            assert [e["event"] for e in stored] == [e["event"] for e in events]
+
+
+async def test_one_renewal_extends_the_leases_of_every_run_of_the_process(
+    client: httpx.AsyncClient, alice: Any, app: Any, slow_llm: tuple[FakeOpenAI, str]
+) -> None:
+    from sqlalchemy import select, update
+
+    from heron.runs.models import Run
+
+    fake, url = slow_llm
+
+    def slow(request: Any) -> Reply:
+        return Reply(text="slowly " * 20, chunk_size=2, chunk_delay=0.05)
+
+    fake.handler = slow
+    await make_agent(client, alice, url)
+    ids = []
+    for _ in range(3):
+        thread = await new_thread(client, alice)
+        run = await client.post(
+            f"/api/threads/{thread}/runs",
+            json={"agent": "helper", "input": "Hi"},
+            headers=alice.headers,
+        )
+        ids.append(run.json()["id"])
+    db = app.state.db
+    ctx = app.state.executor.ctx
+    await asyncio.sleep(0.5)  # all three execute
+    import uuid
+
+    run_ids = [uuid.UUID(i) for i in ids]
+    async with db.session(write=True) as session, session.begin():
+        # One lease lapsed meanwhile and another process took that run.
+        await session.execute(
+            update(Run).where(Run.id == run_ids[2]).values(lease_owner="elsewhere:1")
+        )
+    async with db.session(write=False) as session:
+        before = dict((await session.execute(select(Run.id, Run.lease_expires_at))).all())
+    await ctx.leases.renew()
+    async with db.session(write=False) as session:
+        after = dict((await session.execute(select(Run.id, Run.lease_expires_at))).all())
+    assert after[run_ids[0]] > before[run_ids[0]]
+    assert after[run_ids[1]] > before[run_ids[1]]
+    assert after[run_ids[2]] == before[run_ids[2]]  # not this process' lease any more
