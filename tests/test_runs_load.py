@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -139,3 +140,78 @@ async def test_one_renewal_extends_the_leases_of_every_run_of_the_process(
     assert after[run_ids[0]] > before[run_ids[0]]
     assert after[run_ids[1]] > before[run_ids[1]]
     assert after[run_ids[2]] == before[run_ids[2]]  # not this process' lease any more
+
+
+async def test_a_workspace_runs_at_most_its_cap_at_once_the_rest_queue(
+    tmp_path: Path, database_url: str, scale_out: str | None
+) -> None:
+    """The per-workspace cap holds for the whole deployment (the claim counts in the database,
+    so it holds across workers too); excess runs queue and all complete; another workspace is
+    not held up by it."""
+    from sqlalchemy import select
+
+    from heron.app import create_app
+    from heron.runs.models import Run
+    from heron.settings import (
+        AuthSettings,
+        DatabaseSettings,
+        RedisSettings,
+        RunsSettings,
+        load_settings,
+    )
+
+    fake = FakeOpenAI(api_key="sk-test-runs-0123456789", models=["small"])
+    fake.handler = lambda request: Reply(text="step " * 10, chunk_size=1, chunk_delay=0.05)
+    settings = load_settings(
+        home=tmp_path,
+        database=DatabaseSettings(url=database_url, pool_size=5),
+        redis=RedisSettings(url=scale_out),
+        auth=AuthSettings(secret_key=SecretStr(TEST_SECRET)),
+        runs=RunsSettings(per_workspace_concurrency=2),
+    )
+    app = create_app(settings)
+    async with (
+        fake.serve() as url,
+        serve(app) as base,
+        httpx.AsyncClient(base_url=base, timeout=60) as client,
+    ):
+        alice = await make_tenant(app.state.db, "Alice", password=None)
+        bob = await make_tenant(app.state.db, "Bob", password=None)
+        await make_agent(client, alice, url)
+        await make_agent(client, bob, url)
+        runs = []
+        for _ in range(5):
+            thread = await new_thread(client, alice)
+            created = await client.post(
+                f"/api/threads/{thread}/runs",
+                json={"agent": "helper", "input": "go"},
+                headers=alice.headers,
+            )
+            runs.append(created.json()["id"])
+        bob_thread = await new_thread(client, bob)
+        bob_run = (
+            await client.post(
+                f"/api/threads/{bob_thread}/runs",
+                json={"agent": "helper", "input": "go"},
+                headers=bob.headers,
+            )
+        ).json()["id"]
+
+        most = 0
+        bob_ran_while_alice_waited = False
+        for _ in range(1200):
+            # One read of every status at once (requests one by one would see runs that
+            # ended and runs that started in between as running together).
+            async with app.state.db.session(write=False) as session:
+                rows = dict((await session.execute(select(Run.id, Run.status))).all())
+            statuses = [rows[uuid.UUID(r)].value for r in runs]
+            bob_status = rows[uuid.UUID(bob_run)].value
+            most = max(most, statuses.count("running"))
+            if bob_status in ("running", "completed") and "queued" in statuses:
+                bob_ran_while_alice_waited = True
+            if all(s == "completed" for s in statuses) and bob_status == "completed":
+                break
+            await asyncio.sleep(0.02)
+        assert statuses == ["completed"] * 5, statuses
+        assert most == 2  # the cap was reached, never passed
+        assert bob_ran_while_alice_waited

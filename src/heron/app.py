@@ -102,6 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     app.state.secret_box,
                     owner=owner_id(),
                     run_timeout=settings.runs.timeout_seconds,
+                    per_workspace=settings.runs.per_workspace_concurrency,
                 ),
                 max_concurrency=settings.runs.max_concurrency,
                 per_workspace=settings.runs.per_workspace_concurrency,

@@ -85,6 +85,7 @@ class WorkerRuntime:
             box,
             owner=owner_id(),
             run_timeout=settings.runs.timeout_seconds,
+            per_workspace=settings.runs.per_workspace_concurrency,
         )
         self._runs = RunExecutor(
             ctx,

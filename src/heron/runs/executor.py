@@ -161,12 +161,16 @@ class RunContext:
         *,
         owner: str,
         run_timeout: float,
+        per_workspace: int | None = None,
     ) -> None:
         self.db = db
         self.events = events
         self.box = box
         self.owner = owner
         self.run_timeout = run_timeout
+        # Runs of one workspace executing at once across the deployment (every process's
+        # claims count them in the database); more stay queued.
+        self.per_workspace = per_workspace
         # Set while the process stops: cancelled tasks then leave their runs to be continued
         # (by this process' next start, or another worker once the lease lapses).
         self.stopping = False
@@ -460,6 +464,12 @@ async def _claim(ctx: RunContext, run_id: uuid.UUID) -> tuple[Run, bool] | None:
             return None
         if waits_for_earlier:
             return None  # a thread's runs go one at a time, in order
+        if (
+            run.status == RunStatus.queued
+            and ctx.per_workspace is not None
+            and not await _has_room(session, run, ctx.per_workspace)
+        ):
+            return None  # stays queued; a run of the workspace that ends wakes it
         if run.attempts == 0:
             # The user's message joins the thread when the run starts, not when it was
             # queued: an enqueued run's message follows the answer to the run before it.
@@ -491,6 +501,24 @@ async def _claim(ctx: RunContext, run_id: uuid.UUID) -> tuple[Run, bool] | None:
         return run, taken_over
 
     return await _write(ctx, work)
+
+
+async def _has_room(session: AsyncSession, run: Run, cap: int) -> bool:
+    """Whether the run's workspace executes fewer than `cap` runs. The workspace's row is
+    locked first (PostgreSQL), so claims in several workers can't both take the last place."""
+    await session.execute(
+        select(Workspace.id).where(Workspace.id == run.workspace_id).with_for_update()
+    )
+    running = await session.scalar(
+        select(func.count())
+        .select_from(Run)
+        .where(
+            Run.workspace_id == run.workspace_id,
+            Run.status == RunStatus.running,
+            Run.id != run.id,
+        )
+    )
+    return int(running or 0) < cap
 
 
 async def execute_run(ctx: RunContext, run_id: uuid.UUID) -> RunStatus | None:
@@ -952,8 +980,8 @@ class RunExecutor:
     async def _execute(self, run_id: uuid.UUID) -> None:
         try:
             status = await execute_run(self.ctx, run_id)
-            if status is not None and status.is_final:
-                await self._wake_next_of_thread(run_id)
+            if status is not None and status != RunStatus.running:
+                await self._wake_next(run_id, thread=status.is_final)
         except Exception:
             log.exception("run_crashed", run_id=str(run_id))
         finally:
@@ -962,22 +990,25 @@ class RunExecutor:
             if not self._closed:
                 self._pump()
 
-    async def _wake_next_of_thread(self, run_id: uuid.UUID) -> None:
+    async def _wake_next(self, run_id: uuid.UUID, *, thread: bool) -> None:
+        """A run ended or paused: the next queued run of its thread (when it ended) and the
+        oldest queued run of its workspace may go now."""
         async with self.ctx.db.session(write=False) as session:
             run = await session.get(Run, run_id)
             if run is None:
                 return
-            nxt = await session.scalar(
-                select(Run)
-                .where(
-                    Run.thread_id == run.thread_id,
-                    Run.status == RunStatus.queued,
+            waiting = select(Run.id, Run.workspace_id).where(Run.status == RunStatus.queued)
+            candidates = [
+                waiting.where(Run.workspace_id == run.workspace_id).order_by(Run.id).limit(1)
+            ]
+            if thread:
+                candidates.append(
+                    waiting.where(Run.thread_id == run.thread_id).order_by(Run.id).limit(1)
                 )
-                .order_by(Run.id)
-                .limit(1)
-            )
-            if nxt is not None:
-                self.submit(nxt.id, nxt.workspace_id)
+            for query in candidates:
+                found = (await session.execute(query)).first()
+                if found is not None:
+                    self.submit(found[0], found[1])
 
     def start(self, sweep_seconds: float = 2.0, *, queued_grace: timedelta | None = None) -> None:
         """Begin looking, every `sweep_seconds`, for runs nobody is executing: queued ones and
@@ -1062,6 +1093,7 @@ class RunExecutor:
         await asyncio.gather(*tasks, return_exceptions=True)
         for run_id in list(self._waiters):
             self._release(run_id)
+        await self.ctx.aclose()  # the lease heartbeat stops: release after it, not before
         if tasks:
             await self._release_leases()
 
