@@ -67,7 +67,11 @@ class DatabaseSettings(BaseSettings):
         "`postgresql+asyncpg://user:password@host:5432/heron` (run `heron migrate` first).",
     )
     pool_size: Annotated[int, Field(ge=1, le=1000)] = Field(
-        10, description="Connections kept open per process (PostgreSQL)."
+        10,
+        description=(
+            "Connections kept open per process (PostgreSQL); on SQLite, the readers beside the "
+            "one writer."
+        ),
     )
     echo: bool = Field(False, description="Log every SQL statement (debugging only).")
 
