@@ -2,6 +2,7 @@
 
 from heron.agents.models import Agent, AgentVersion
 from heron.db.base import Base
+from heron.knowledge.models import Chunk, ChunkTerm, Document, KnowledgeBase
 from heron.providers.models import Provider
 from heron.runs.models import Run, RunEvent, Step
 from heron.tenancy.models import ApiKey, Membership, User, Workspace
@@ -12,6 +13,10 @@ __all__ = [
     "AgentVersion",
     "ApiKey",
     "Base",
+    "Chunk",
+    "ChunkTerm",
+    "Document",
+    "KnowledgeBase",
     "Membership",
     "Message",
     "Provider",
