@@ -22,6 +22,9 @@ from heron.core.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimite
 from heron.core.security import TokenSigner, load_or_create_secret_key
 from heron.db import migrate
 from heron.db.engine import Database
+from heron.knowledge import index as knowledge_index
+from heron.knowledge.ingestion import IngestionContext, IngestionExecutor
+from heron.knowledge.router import router as knowledge_router
 from heron.ops.router import router as ops_router
 from heron.providers.router import router as providers_router
 from heron.runs.events import MemoryEventLog
@@ -92,6 +95,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.executor = executor
         recovered = await executor.recover()
         executor.start()
+        knowledge_index.matrices.max_bytes = settings.knowledge.vector_cache_bytes
+        blobs = getattr(app.state, "blobs", None)
+        ingestion = IngestionExecutor(
+            IngestionContext.create(db, settings, app.state.secret_box, blobs),
+            max_concurrency=settings.knowledge.ingest_concurrency,
+        )
+        app.state.ingestion = ingestion
+        await ingestion.recover()
+        ingestion.start()
         log.info(
             "started",
             database=db.url.get_backend_name(),
@@ -101,6 +113,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await ingestion.close()
             await executor.close()
             await limiter.close()
             if redis is not None:
@@ -133,6 +146,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(providers_router)
     app.include_router(agents_router)
     app.include_router(runs_router)
+    app.include_router(knowledge_router)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -197,20 +197,26 @@ def _create_sqlite_fts() -> None:
         "CREATE VIRTUAL TABLE chunks_fts USING fts5(context, text, kb, content='', "
         "tokenize='porter unicode61 remove_diacritics 2')"
     )
-    values = "{0}.id, {0}.context, {0}.text, 'k' || {0}.knowledge_base_id || {0}.knowledge_base_id"
+    # `ORDER BY rank` is then BM25 over the title/headings and the text, the kb token weighing 0.
+    op.execute("INSERT INTO chunks_fts(chunks_fts, rank) VALUES ('rank', 'bm25(1.0, 1.0, 0.0)')")
     op.execute(
         "CREATE TRIGGER chunks_fts_insert AFTER INSERT ON chunks BEGIN "
-        f"INSERT INTO chunks_fts(rowid, context, text, kb) VALUES ({values.format('new')}); END"
+        "INSERT INTO chunks_fts(rowid, context, text, kb) VALUES (new.id, new.context, "
+        "new.text, 'k' || new.knowledge_base_id || new.knowledge_base_id); END"
     )
-    delete = (
-        "INSERT INTO chunks_fts(chunks_fts, rowid, context, text, kb) "
-        f"VALUES ('delete', {values.format('old')});"
+    op.execute(
+        "CREATE TRIGGER chunks_fts_delete AFTER DELETE ON chunks BEGIN "
+        "INSERT INTO chunks_fts(chunks_fts, rowid, context, text, kb) VALUES ('delete', "
+        "old.id, old.context, old.text, 'k' || old.knowledge_base_id || old.knowledge_base_id); "
+        "END"
     )
-    op.execute(f"CREATE TRIGGER chunks_fts_delete AFTER DELETE ON chunks BEGIN {delete} END")
     op.execute(
         "CREATE TRIGGER chunks_fts_update AFTER UPDATE OF context, text, knowledge_base_id "
-        f"ON chunks BEGIN {delete} "
-        f"INSERT INTO chunks_fts(rowid, context, text, kb) VALUES ({values.format('new')}); END"
+        "ON chunks BEGIN "
+        "INSERT INTO chunks_fts(chunks_fts, rowid, context, text, kb) VALUES ('delete', "
+        "old.id, old.context, old.text, 'k' || old.knowledge_base_id || old.knowledge_base_id); "
+        "INSERT INTO chunks_fts(rowid, context, text, kb) VALUES (new.id, new.context, "
+        "new.text, 'k' || new.knowledge_base_id || new.knowledge_base_id); END"
     )
 
 
