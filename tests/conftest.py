@@ -14,8 +14,12 @@ import contextlib
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
+import time
 import uuid
+import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +40,7 @@ from heron.settings import (
     LimitsSettings,
     RedisSettings,
     Settings,
+    StorageSettings,
     load_settings,
 )
 from heron.tenancy.models import Role
@@ -141,17 +146,107 @@ def scale_out(request: pytest.FixtureRequest) -> str | None:
     return None
 
 
+# S3 ------------------------------------------------------------------------------------------
+
+# moto's S3 server, in a virtual environment of its own: its botocore pin is not ours to share.
+MOTO_VENV = Path(
+    os.environ.get("HERON_TEST_MOTO_VENV", "~/.cache/heron-test/moto-venv")
+).expanduser()
+MOTO_REQUIREMENT = "moto[server]>=5,<6"
+
+
+@dataclass
+class S3Server:
+    """A real S3-protocol server on loopback; requests to it here need no signature."""
+
+    endpoint: str
+
+    def create_bucket(self) -> str:
+        name = f"heron-{uuid.uuid4().hex[:12]}"
+        httpx.put(f"{self.endpoint}/{name}", trust_env=False).raise_for_status()
+        return name
+
+    def keys(self, bucket: str) -> list[str]:
+        response = httpx.get(f"{self.endpoint}/{bucket}?list-type=2", trust_env=False)
+        response.raise_for_status()
+        return _xml_texts(response.text, "Key")
+
+    def unfinished_uploads(self, bucket: str) -> list[str]:
+        response = httpx.get(f"{self.endpoint}/{bucket}?uploads", trust_env=False)
+        response.raise_for_status()
+        return _xml_texts(response.text, "UploadId")
+
+
+def _xml_texts(document: str, tag: str) -> list[str]:
+    root = ET.fromstring(document)  # noqa: S314 (the answer of our own loopback server)
+    return [e.text or "" for e in root.iterfind(f".//{{*}}{tag}")]
+
+
+def _moto_server_command() -> Path:
+    command = MOTO_VENV / "bin" / "moto_server"
+    if command.exists():
+        return command
+    steps = (
+        [sys.executable, "-m", "venv", "--clear", str(MOTO_VENV)],
+        [str(MOTO_VENV / "bin" / "python"), "-m", "pip", "install", "-q", MOTO_REQUIREMENT],
+    )
+    for step in steps:
+        done = subprocess.run(step, capture_output=True, text=True, timeout=900, check=False)
+        if done.returncode != 0:
+            pytest.fail(f"could not install {MOTO_REQUIREMENT} into {MOTO_VENV}:\n{done.stderr}")
+    return command
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """moto's S3 server for the whole run (installed on first use; a failure fails the test)."""
+    command = _moto_server_command()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(command), "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            if proc.poll() is not None:
+                pytest.fail(f"moto_server exited with {proc.returncode}:\n{log.read_text()}")
+            try:
+                httpx.get(endpoint, timeout=1, trust_env=False)
+                break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        else:
+            pytest.fail(f"moto_server did not answer:\n{log.read_text()}")
+        yield S3Server(endpoint)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
 # The application -------------------------------------------------------------------------------
 
 
 def make_settings(
-    home: Path, database_url: str, redis_url: str | None = None, **limits: object
+    home: Path,
+    database_url: str,
+    redis_url: str | None = None,
+    *,
+    storage: StorageSettings | None = None,
+    **limits: object,
 ) -> Settings:
     return load_settings(
         home=home,
         database=DatabaseSettings(url=database_url, pool_size=5),
         redis=RedisSettings(url=redis_url),
         auth=AuthSettings(secret_key=SecretStr(TEST_SECRET)),
+        storage=storage or StorageSettings(),
         limits=LimitsSettings(**limits),  # type: ignore[arg-type]
     )
 
@@ -270,4 +365,13 @@ async def bob(db: Database) -> Tenant:
     return await make_tenant(db, "Bob")
 
 
-__all__ = ["BACKEND", "Tenant", "bootstrap", "key_for", "make_settings", "make_tenant", "serve"]
+__all__ = [
+    "BACKEND",
+    "S3Server",
+    "Tenant",
+    "bootstrap",
+    "key_for",
+    "make_settings",
+    "make_tenant",
+    "serve",
+]

@@ -22,6 +22,9 @@ from heron.core.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimite
 from heron.core.security import TokenSigner, load_or_create_secret_key
 from heron.db import migrate
 from heron.db.engine import Database
+from heron.files.router import router as files_router
+from heron.files.router import upload_route_limit
+from heron.files.storage import BlobStore, open_blob_store
 from heron.knowledge import index as knowledge_index
 from heron.knowledge.ingestion import IngestionContext, IngestionExecutor
 from heron.knowledge.router import router as knowledge_router
@@ -78,7 +81,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         redis: Redis | None = Redis.from_url(settings.redis.url) if settings.redis.url else None
         limiter: RateLimiter = RedisRateLimiter(redis) if redis else MemoryRateLimiter()
+        blobs: BlobStore = open_blob_store(settings)
         app.state.db = db
+        app.state.blobs = blobs
         app.state.redis = redis
         app.state.rate_limiter = limiter
         executor = RunExecutor(
@@ -96,7 +101,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         recovered = await executor.recover()
         executor.start()
         knowledge_index.matrices.max_bytes = settings.knowledge.vector_cache_bytes
-        blobs = getattr(app.state, "blobs", None)
         ingestion = IngestionExecutor(
             IngestionContext.create(db, settings, app.state.secret_box, blobs),
             max_concurrency=settings.knowledge.ingest_concurrency,
@@ -115,6 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await ingestion.close()
             await executor.close()
+            await blobs.close()
             await limiter.close()
             if redis is not None:
                 await redis.aclose()
@@ -138,6 +143,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         SizeLimitMiddleware,
         max_body_bytes=settings.limits.max_body_bytes,
         max_header_bytes=settings.limits.max_header_bytes,
+        route_limits={("POST", "/api/files"): upload_route_limit(settings.storage.max_file_bytes)},
     )
     app.add_middleware(RequestContextMiddleware)
     app.include_router(ops_router)
@@ -147,6 +153,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(agents_router)
     app.include_router(runs_router)
     app.include_router(knowledge_router)
+    app.include_router(files_router)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -115,14 +115,37 @@ class RedisSettings(BaseSettings):
 
 
 class StorageSettings(BaseSettings):
-    """Where uploaded files are kept."""
+    """Where uploaded files are kept, and how much of them."""
 
     model_config = _config("HERON_STORAGE_")
 
     url: str | None = Field(
         None,
         description="Blob store location. Empty: the directory `$HERON_HOME/files`; "
-        "`file:///absolute/path` for another directory.",
+        "`file:///absolute/path` for another directory; `s3://bucket/prefix` for an "
+        "S3-compatible bucket (see the `S3_*` settings; the standard `AWS_*` variables are "
+        "read too).",
+    )
+    s3_endpoint: str | None = Field(
+        None,
+        description="S3 API endpoint (`http://127.0.0.1:9000` for MinIO). Empty: AWS S3. "
+        "Requests use path-style addressing.",
+    )
+    s3_region: str | None = Field(
+        None, description="S3 region. Empty: `AWS_REGION`/`AWS_DEFAULT_REGION`, or `us-east-1`."
+    )
+    s3_access_key_id: str | None = Field(
+        None, description="S3 access key id. Empty: `AWS_ACCESS_KEY_ID` or instance credentials."
+    )
+    s3_secret_access_key: SecretStr | None = Field(
+        None, description="S3 secret access key. Empty: `AWS_SECRET_ACCESS_KEY`."
+    )
+    max_file_bytes: Annotated[int, Field(ge=1)] = Field(
+        100 * 1024 * 1024, description="Largest accepted file upload (413 above)."
+    )
+    workspace_quota_bytes: Annotated[int, Field(ge=1)] = Field(
+        10 * 1024 * 1024 * 1024,
+        description="Total size of the files one workspace may keep (413 past it).",
     )
 
     @field_validator("url")
@@ -130,9 +153,23 @@ class StorageSettings(BaseSettings):
     def _storage_scheme(cls, value: str | None) -> str | None:
         if not value:
             return None
-        if not value.startswith("file:///"):
-            raise ValueError("expected file:///absolute/path")
-        return value
+        if value.startswith("file:///"):
+            return value
+        if value.startswith("s3://"):
+            bucket = value.removeprefix("s3://").split("/", 1)[0]
+            if not bucket:
+                raise ValueError("expected s3://bucket or s3://bucket/prefix")
+            return value.rstrip("/")
+        raise ValueError("expected file:///absolute/path or s3://bucket/prefix")
+
+    @field_validator("s3_endpoint")
+    @classmethod
+    def _endpoint_scheme(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("expected an http:// or https:// URL")
+        return value.rstrip("/")
 
 
 class AuthSettings(BaseSettings):
@@ -173,7 +210,9 @@ class LimitsSettings(BaseSettings):
     model_config = _config("HERON_LIMITS_")
 
     max_body_bytes: Annotated[int, Field(ge=1024)] = Field(
-        1024 * 1024, description="Largest accepted request body (413 above)."
+        1024 * 1024,
+        description="Largest accepted request body (413 above). File uploads have their own "
+        "limit, `HERON_STORAGE_MAX_FILE_BYTES`.",
     )
     max_header_bytes: Annotated[int, Field(ge=1024, le=65536)] = Field(
         16 * 1024, description="Largest accepted total size of request headers (431 above)."
@@ -288,10 +327,13 @@ class Settings(BaseSettings):
         return self.database_url.startswith("sqlite")
 
     @property
-    def storage_dir(self) -> Path:
-        if self.storage.url:
+    def storage_dir(self) -> Path | None:
+        """The directory of the local blob store; None when files go to S3."""
+        if self.storage.url is None:
+            return self.home / "files"
+        if self.storage.url.startswith("file://"):
             return Path(self.storage.url.removeprefix("file://"))
-        return self.home / "files"
+        return None
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import structlog
@@ -78,12 +79,23 @@ def _incoming_request_id(scope: Scope) -> str | None:
 
 class SizeLimitMiddleware:
     """431 when the request headers exceed `max_header_bytes`; 413 when the body exceeds
-    `max_body_bytes`, whether declared by Content-Length or discovered while streaming."""
+    `max_body_bytes`, whether declared by Content-Length or discovered while streaming.
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, max_header_bytes: int) -> None:
+    `route_limits` gives a few exact (method, path) pairs a limit of their own, such as file
+    uploads, which are far larger than any JSON body and are streamed by their handler."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int,
+        max_header_bytes: int,
+        route_limits: Mapping[tuple[str, str], int] | None = None,
+    ) -> None:
         self.app = app
         self.max_body = max_body_bytes
         self.max_headers = max_header_bytes
+        self.route_limits = dict(route_limits or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -100,7 +112,7 @@ class SizeLimitMiddleware:
                 ),
             )
             return
-        limit = self.max_body
+        limit = self.route_limits.get((scope["method"], scope["path"]), self.max_body)
         declared = _content_length(scope)
         if declared is not None and declared > limit:
             await _reject(scope, send, _too_large(limit), close=True)

@@ -2,6 +2,7 @@
 
 from heron.agents.models import Agent, AgentVersion
 from heron.db.base import Base
+from heron.files.models import File
 from heron.knowledge.models import Chunk, ChunkTerm, Document, KnowledgeBase
 from heron.providers.models import Provider
 from heron.runs.models import Run, RunEvent, Step
@@ -16,6 +17,7 @@ __all__ = [
     "Chunk",
     "ChunkTerm",
     "Document",
+    "File",
     "KnowledgeBase",
     "Membership",
     "Message",

@@ -66,14 +66,14 @@ class IngestionContext:
 
     db: Database
     settings: Settings
-    blobs: BlobStore | None
+    blobs: BlobStore
     embedder_for: EmbedderFactory
     owner: str = field(default_factory=owner_id)
     stopping: bool = False
 
     @classmethod
     def create(
-        cls, db: Database, settings: Settings, box: SecretBox, blobs: BlobStore | None
+        cls, db: Database, settings: Settings, box: SecretBox, blobs: BlobStore
     ) -> IngestionContext:
         return cls(db=db, settings=settings, blobs=blobs, embedder_for=embedder_factory(box))
 
@@ -298,8 +298,6 @@ async def _read_file(ctx: IngestionContext, doc: Document) -> _Content:
 
     if doc.file_id is None:
         raise IngestFailure("the document's file was deleted")
-    if ctx.blobs is None:
-        raise IngestFailure("this worker has no file storage configured")
     async with ctx.db.session(write=False) as session:
         try:
             row, chunks = await open_content(session, ctx.blobs, doc.workspace_id, doc.file_id)

@@ -89,7 +89,9 @@ class Document(WorkspaceOwned):
         ForeignKey("knowledge_bases.id", ondelete="CASCADE")
     )
     source: Mapped[SourceKind] = mapped_column(_source_type)
-    file_id: Mapped[uuid.UUID | None] = mapped_column(index=True)
+    file_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("files.id", ondelete="SET NULL"), index=True
+    )
     url: Mapped[str | None] = mapped_column(Text)
     text: Mapped[str | None] = mapped_column(Text)  # the content of a `text` document
     title: Mapped[str] = mapped_column(String(500), default="")

@@ -1,7 +1,7 @@
 """knowledge bases, documents, chunks and their indexes
 
 Revision ID: 0006
-Revises: 0004
+Revises: 0005
 Create Date: 2026-11-22 02:16:00.054452
 """
 
@@ -12,7 +12,7 @@ from alembic import op
 from pgvector.sqlalchemy import Vector
 
 revision: str = "0006"
-down_revision: str | None = "0004"
+down_revision: str | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
@@ -93,6 +93,12 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("workspace_id", sa.Uuid(), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["file_id"],
+            ["files.id"],
+            name=op.f("fk_documents_file_id_files"),
+            ondelete="SET NULL",
+        ),
         sa.ForeignKeyConstraint(
             ["knowledge_base_id"],
             ["knowledge_bases.id"],

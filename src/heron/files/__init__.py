@@ -1,0 +1,1 @@
+"""Files: uploads streamed to a blob store, sniffed, limited, and read back by id."""
