@@ -181,7 +181,7 @@ async def _ingest(ctx: IngestionContext, doc: Document, kb: KnowledgeBase) -> in
     try:
         parsed = await asyncio.to_thread(parse, content.data, content.content_type)
     except ParseError as exc:
-        raise IngestFailure(exc.reason) from None
+        raise IngestFailure(exc.detail) from None
     pieces = await asyncio.to_thread(chunk, parsed, size=kb.chunk_size, overlap=kb.chunk_overlap)
     if not pieces:
         raise IngestFailure("the document has no text")

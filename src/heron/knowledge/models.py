@@ -116,7 +116,10 @@ class Chunk(Base):
     (looked up by a WorkspaceRepository first); `workspace_id` is kept for defence in depth."""
 
     __tablename__ = "chunks"
-    __table_args__ = (Index("ix_chunks_document_position", "document_id", "position"),)
+    __table_args__ = (
+        Index("ix_chunks_document_position", "document_id", "position"),
+        {"sqlite_autoincrement": True},  # ids are never reused: citations keep meaning one chunk
+    )
 
     # INTEGER PRIMARY KEY on SQLite: the rowid itself, stable for the FTS5 index.
     id: Mapped[int] = mapped_column(

@@ -53,8 +53,8 @@ class KnowledgeBaseCreate(RequestModel):
 
     @model_validator(mode="after")
     def _overlap_below_size(self) -> KnowledgeBaseCreate:
-        if self.chunk_overlap >= self.chunk_size:
-            raise ValueError("chunk_overlap must be smaller than chunk_size")
+        if self.chunk_overlap > self.chunk_size // 2:
+            raise ValueError("chunk_overlap must be at most half of chunk_size")
         return self
 
 

@@ -86,6 +86,8 @@ def embedder_factory(box: SecretBox) -> EmbedderFactory:
             api_key=connection.api_key,
             model=model,
             dimensions=kb.embedding_dimensions,
+            headers=connection.headers,
+            timeout=connection.timeout_seconds,
         )
 
     return embedder_for
@@ -177,8 +179,8 @@ async def update_kb(
         kb.description = body.description
     size = body.chunk_size if body.chunk_size is not None else kb.chunk_size
     overlap = body.chunk_overlap if body.chunk_overlap is not None else kb.chunk_overlap
-    if overlap >= size:
-        raise _invalid("chunk_overlap", "must be smaller than chunk_size", "value_error")
+    if overlap > size // 2:
+        raise _invalid("chunk_overlap", "must be at most half of chunk_size", "value_error")
     kb.chunk_size, kb.chunk_overlap = size, overlap
     kb.updated_at = utcnow()
     await _flush(session, kb.name)

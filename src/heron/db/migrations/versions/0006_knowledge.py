@@ -159,6 +159,7 @@ def upgrade() -> None:
             ondelete="CASCADE",
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_chunks")),
+        sqlite_autoincrement=True,
     )
     with op.batch_alter_table("chunks", schema=None) as batch_op:
         batch_op.create_index(
