@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from sqlalchemy import func, select
 
 import filekinds
-from conftest import S3Server, Tenant, key_for, make_settings
+from conftest import TEST_SECRET, S3Server, Tenant, key_for, make_settings
 from heron.app import create_app
 from heron.db.engine import Database
 from heron.files.models import File
@@ -155,6 +155,21 @@ async def test_store_answers_missing_blobs_before_streaming(blobs: BlobStore) ->
     assert not await blobs.exists("ws/gone")
     with pytest.raises(BlobNotFound):
         await blobs.get("ws/gone")
+
+
+async def test_store_deletes_everything_under_a_prefix_and_nothing_else(
+    blobs: BlobStore,
+) -> None:
+    for key in ("ws1/a", "ws1/b", "ws10/c", "ws2/d"):
+        await blobs.put(key, agen(iter([key.encode()])))
+    await blobs.delete_under("ws1")
+    assert [await blobs.exists(k) for k in ("ws1/a", "ws1/b", "ws10/c", "ws2/d")] == [
+        False,
+        False,
+        True,
+        True,
+    ]
+    await blobs.delete_under("ws-none")  # nothing there: fine
 
 
 @pytest.mark.parametrize(
@@ -534,6 +549,18 @@ async def test_delete_removes_the_row_and_the_blob(
     assert again.status_code == 404
 
 
+async def test_deleting_a_workspace_deletes_its_files_content(
+    client: httpx.AsyncClient, alice: Tenant, bob: Tenant, db: Database, leftovers: Leftovers
+) -> None:
+    for tenant in (alice, alice, bob):
+        assert (await upload(client, tenant, "x.txt", b"x\n")).status_code == 201
+    assert len(leftovers()) == 3
+    deleted = await client.delete(f"/api/workspaces/{alice.workspace_id}", headers=alice.headers)
+    assert deleted.status_code == 204
+    assert [Path(p).parent.name for p in leftovers()] == [str(bob.workspace_id)]
+    assert await file_rows(db) == 1
+
+
 async def test_viewers_read_files_and_members_upload_and_delete(
     client: httpx.AsyncClient, alice: Tenant, db: Database
 ) -> None:
@@ -606,3 +633,101 @@ async def test_other_request_bodies_keep_their_small_limit(
     )
     assert response.status_code == 413
     assert response.json()["type"] == "urn:heron:problem:payload-too-large"
+
+
+# Bounded memory ---------------------------------------------------------------------------------
+
+BIG = 200 * MiB
+# The server's peak resident memory may grow by less than this while 200 MiB go through it.
+MEMORY_BOUND = 50 * MiB
+
+
+def memory(pid: int, field: str) -> int:
+    """`VmRSS` (resident now) or `VmHWM` (peak resident since the last reset), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def reset_peak(pid: int) -> int:
+    """Start measuring the peak afresh (Linux: write 5 to clear_refs); the resident size now."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    return memory(pid, "VmRSS")
+
+
+@pytest.mark.slow
+async def test_a_200_mib_upload_and_download_keep_the_servers_memory_bounded(
+    tmp_path: Path,
+    database_url: str,
+    scale_out: str | None,
+    storage_settings: StorageSettings,
+) -> None:
+    from test_cli import Heron
+    from test_crash import started
+
+    env = {
+        "HERON_DATABASE_URL": database_url,
+        "HERON_STORAGE_MAX_FILE_BYTES": str(BIG),
+        "HERON_STORAGE_WORKSPACE_QUOTA_BYTES": str(2 * BIG),
+        "HERON_LIMITS_API_BURST": "100000",
+    }
+    if storage_settings.url and storage_settings.url.startswith("s3://"):
+        env |= {
+            "HERON_STORAGE_URL": storage_settings.url,
+            "HERON_STORAGE_S3_ENDPOINT": storage_settings.s3_endpoint or "",
+            "HERON_STORAGE_S3_REGION": "us-east-1",
+            "HERON_STORAGE_S3_ACCESS_KEY_ID": "heron-test",
+            "HERON_STORAGE_S3_SECRET_ACCESS_KEY": "heron-test-secret",
+        }
+    if not database_url.startswith("sqlite"):
+        env |= {"HERON_SECRET_KEY": TEST_SECRET, "HERON_REDIS_URL": scale_out or ""}
+    heron = Heron(tmp_path)
+    try:
+        server, client = await started(heron, env)
+        client.timeout = httpx.Timeout(300)
+        auth = {"Authorization": f"Bearer {(heron.home / 'initial-api-key').read_text().strip()}"}
+        warm = await client.post(
+            "/api/files", files={"file": ("warm.txt", b"warm\n", "text/plain")}, headers=auth
+        )
+        assert warm.status_code == 201, warm.text
+        await client.get(f"/api/files/{warm.json()['id']}/content", headers=auth)
+        pid = server.proc.pid
+        before = reset_peak(pid)
+
+        block = random.Random(11).randbytes(MiB)
+        sent = hashlib.sha256()
+
+        async def body() -> AsyncIterator[bytes]:  # generated on the fly, never whole
+            yield (
+                f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; '
+                'filename="big.bin"\r\nContent-Type: application/octet-stream\r\n\r\n'
+            ).encode()
+            for i in range(BIG // MiB):
+                chunk = i.to_bytes(8, "big") + block[8:]
+                sent.update(chunk)
+                yield chunk
+            yield f"\r\n--{BOUNDARY}--\r\n".encode()
+
+        created = await client.post("/api/files", content=body(), headers={**auth, **FORM_TYPE})
+        assert created.status_code == 201, created.text
+        assert created.json()["size"] == BIG
+        assert created.json()["sha256"] == sent.hexdigest()
+        upload_growth = memory(pid, "VmHWM") - before
+        before = reset_peak(pid)
+
+        received = hashlib.sha256()
+        async with client.stream(
+            "GET", f"/api/files/{created.json()['id']}/content", headers=auth
+        ) as response:
+            assert response.status_code == 200
+            async for chunk in response.aiter_raw():
+                received.update(chunk)
+        assert received.hexdigest() == sent.hexdigest()
+        download_growth = memory(pid, "VmHWM") - before
+        await client.aclose()
+
+        growth = (upload_growth, download_growth)
+        assert max(growth) < MEMORY_BOUND, f"peak RSS grew by {[g // MiB for g in growth]} MiB"
+    finally:
+        heron.close()

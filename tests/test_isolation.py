@@ -23,6 +23,8 @@ UNSCOPED = {
     ("POST", "/api/agents/import"),
     ("GET", "/api/threads"),
     ("POST", "/api/threads"),
+    ("GET", "/api/files"),
+    ("POST", "/api/files"),
     ("GET", "/api/usage"),
     ("GET", "/api/me"),
     ("POST", "/api/auth/login"),
@@ -69,6 +71,13 @@ async def test_every_endpoint_hides_another_workspaces_resources(
         )
     ).json()
     await client.post(f"/api/runs/{alice_run['id']}/cancel", headers=alice.headers)
+    alice_file = (
+        await client.post(
+            "/api/files",
+            files={"file": ("alice.txt", b"alice's notes\n", "text/plain")},
+            headers=alice.headers,
+        )
+    ).json()
     ids = {
         "thread_id": alice_thread["id"],
         "run_id": alice_run["id"],
@@ -80,6 +89,7 @@ async def test_every_endpoint_hides_another_workspaces_resources(
         "user_id": carol["user_id"],
         "key_id": alice_key["id"],
         "provider_id": alice_provider["id"],
+        "file_id": alice_file["id"],
     }
     bodies = {"PATCH": {"name": "stolen", "role": "viewer"}}
 
@@ -140,6 +150,7 @@ async def test_every_endpoint_hides_another_workspaces_resources(
         "/api/providers",
         "/api/agents",
         "/api/threads",
+        "/api/files",
         "/api/usage?group_by=agent",
     ):
         text = (await client.get(path, headers=bob.headers)).text
@@ -149,6 +160,7 @@ async def test_every_endpoint_hides_another_workspaces_resources(
         assert alice_provider["id"] not in text
         assert alice_agent["id"] not in text
         assert alice_thread["id"] not in text
+        assert alice_file["id"] not in text
         assert "alices-agent" not in text
         assert alice.email not in text
 
@@ -171,6 +183,8 @@ async def test_every_endpoint_hides_another_workspaces_resources(
     assert agent["archived_at"] is None
     run = (await client.get(f"/api/runs/{alice_run['id']}", headers=alice.headers)).json()
     assert run["status"] == "cancelled"
+    content = await client.get(f"/api/files/{alice_file['id']}/content", headers=alice.headers)
+    assert content.content == b"alice's notes\n"
     messages = await client.get(
         f"/api/threads/{alice_thread['id']}/messages", headers=alice.headers
     )

@@ -242,3 +242,11 @@ async def delete_file(
     await repo.delete(row)
     key = blob_key(workspace_id, file_id)
     after_commit(session, lambda: blobs.delete(key))
+
+
+def delete_workspace_files(
+    session: AsyncSession, blobs: BlobStore, workspace_id: uuid.UUID
+) -> None:
+    """Once the transaction deleting a workspace commits (its file rows go by cascade), delete
+    its blobs too."""
+    after_commit(session, lambda: blobs.delete_under(str(workspace_id)))

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import re
+import shutil
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
@@ -48,6 +49,10 @@ class BlobStore(Protocol):
         ...
 
     async def exists(self, key: str) -> bool: ...
+
+    async def delete_under(self, prefix: str) -> None:
+        """Remove every blob whose key starts with `prefix/` (a workspace's, say)."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -127,6 +132,9 @@ class LocalBlobStore:
 
     async def exists(self, key: str) -> bool:
         return await asyncio.to_thread(self.path_of(key).is_file)
+
+    async def delete_under(self, prefix: str) -> None:
+        await asyncio.to_thread(shutil.rmtree, self.path_of(prefix), ignore_errors=True)
 
     async def close(self) -> None:
         return None
@@ -225,6 +233,12 @@ class S3BlobStore:
         except (NotFoundError, FileNotFoundError):
             return False
         return True
+
+    async def delete_under(self, prefix: str) -> None:
+        import obstore
+
+        async for batch in obstore.list(self.store, prefix=_checked(prefix), chunk_size=1000):
+            await obstore.delete_async(self.store, [meta["path"] for meta in batch])
 
     async def close(self) -> None:
         return None

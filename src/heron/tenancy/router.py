@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import uuid
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Request, status
 
 from heron.core.auth import Admin, CallerDep, Reader, role_in_workspace
 from heron.core.errors import Forbidden, problem_responses
 from heron.core.pagination import Page, PageQuery, make_page
 from heron.core.routing import JsonRoute
 from heron.db.session import DbSession
+from heron.files.service import delete_workspace_files
 from heron.tenancy import service
 from heron.tenancy.models import ApiKey, Membership, Role, User, Workspace
 from heron.tenancy.repository import ApiKeyRepository, MembershipRepository, WorkspaceReader
@@ -121,11 +122,14 @@ async def update_workspace(
     status_code=status.HTTP_204_NO_CONTENT,
     summary="Delete a workspace and everything in it",
 )
-async def delete_workspace(session: DbSession, caller: CallerDep, workspace_id: uuid.UUID) -> None:
+async def delete_workspace(
+    request: Request, session: DbSession, caller: CallerDep, workspace_id: uuid.UUID
+) -> None:
     role = await role_in_workspace(session, caller, workspace_id)
     if role != Role.owner:
         raise Forbidden("Deleting a workspace needs the owner role.")
     await session.delete(await service.get_workspace(session, workspace_id))
+    delete_workspace_files(session, request.app.state.blobs, workspace_id)
 
 
 # Members --------------------------------------------------------------------------------------
