@@ -196,7 +196,8 @@ async def test_text_url_and_file_documents_ingest_and_are_found_three_ways(
         got = await document(client, alice, kb["id"], doc["id"])
         assert got["status"] == "ready", got
         assert got["chunks_done"] == got["chunks_total"] > 0
-        assert got["content_sha256"] and got["indexed_at"]
+        assert got["content_sha256"]
+        assert got["indexed_at"]
     assert (await document(client, alice, kb["id"], volcano["id"]))["title"] == "volcano.pdf"
     assert (await document(client, alice, kb["id"], glaciers["id"]))["source"] == "url"
 
