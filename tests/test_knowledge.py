@@ -438,9 +438,14 @@ async def test_a_document_whose_worker_died_is_taken_up_again(
 # Filters and several knowledge bases -----------------------------------------------------------
 
 
+@pytest.mark.parametrize("vector_path", ["exact", "hnsw"])
 async def test_filters_apply_before_the_top_results_are_cut(
-    client: httpx.AsyncClient, alice: Tenant
+    client: httpx.AsyncClient, alice: Tenant, vector_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    if vector_path == "hnsw":
+        if BACKEND != "postgres":
+            pytest.skip("PostgreSQL's HNSW index")
+        monkeypatch.setattr(index, "EXACT_MAX", 0)  # every knowledge base searched by index
     kb = await create_kb(client, alice, "filtered")
     docs = {}
     for i in range(12):
