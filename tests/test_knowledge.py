@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from fastapi import FastAPI
 from sqlalchemy import func, select
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -25,6 +26,8 @@ from heron.core.ids import utcnow
 from heron.db.engine import Database
 from heron.knowledge import index
 from heron.knowledge.models import Chunk, Document, DocumentStatus, KnowledgeBase, SourceKind
+from heron.knowledge.service import AgentKnowledge, embedder_factory
+from heron.tools.registry import ToolContext, ToolFailure, default_registry
 
 HERONS = """# Herons
 
@@ -521,3 +524,74 @@ async def test_an_empty_knowledge_base_finds_nothing(
 ) -> None:
     kb = await create_kb(client, alice, f"empty-{mode}")
     assert await search(client, alice, kb["id"], "anything at all", mode=mode) == []
+
+
+# Agents ----------------------------------------------------------------------------------------
+
+
+async def test_an_agent_that_lists_knowledge_bases_gets_the_search_tool(
+    client: httpx.AsyncClient, alice: Tenant
+) -> None:
+    await create_kb(client, alice, "handbook")
+    provider = await client.post(
+        "/api/providers",
+        json={"name": "llm", "kind": "openai-compatible", "base_url": "http://127.0.0.1:9/v1"},
+        headers=alice.headers,
+    )
+    assert provider.status_code == 201, provider.text
+    agent = await client.post(
+        "/api/agents",
+        json={"name": "helper", "model": "llm:m", "knowledge_bases": ["handbook"]},
+        headers=alice.headers,
+    )
+    assert agent.status_code == 201, agent.text
+    assert agent.json()["draft"]["tools"] == ["search_knowledge"]
+    assert agent.json()["draft"]["knowledge_bases"] == ["handbook"]
+    unknown = await client.post(
+        "/api/agents",
+        json={"name": "lost", "model": "llm:m", "knowledge_bases": ["nowhere"]},
+        headers=alice.headers,
+    )
+    assert unknown.status_code == 422
+    assert unknown.json()["errors"][0]["loc"] == ["body", "knowledge_bases", 0]
+
+
+async def test_search_knowledge_answers_passages_with_their_citations(
+    app: FastAPI, client: httpx.AsyncClient, alice: Tenant, bob: Tenant, db: Database
+) -> None:
+    nature = await create_kb(client, alice, "nature")
+    food = await create_kb(client, alice, "food")
+    herons = await add(client, alice, nature["id"], text=HERONS, title="Herons")
+    bread = await add(client, alice, food["id"], text=BAKING, title="Bread")
+    await wait_idle(client, alice, nature["id"])
+    await wait_idle(client, alice, food["id"])
+    tool = default_registry().get("search_knowledge")
+    embedders = embedder_factory(app.state.secret_box)
+
+    def context(workspace_id: uuid.UUID, refs: list[str]) -> ToolContext:
+        knowledge = AgentKnowledge(db, embedders, workspace_id, refs)
+        return ToolContext(workspace_id=workspace_id, knowledge=knowledge)
+
+    ctx = context(alice.workspace_id, ["nature", food["id"]])
+    answer = await tool.call(ctx, {"query": "where do herons nest?", "top_k": 2})
+    assert isinstance(answer, dict)
+    first = answer["results"][0]  # type: ignore[index]
+    assert "heronries" in first["text"]
+    assert first["citation"] == {
+        "knowledge_base": "nature",
+        "knowledge_base_id": nature["id"],
+        "document_id": herons["id"],
+        "document_title": "Herons",
+        "chunk_id": first["citation"]["chunk_id"],
+        "page": None,
+        "heading_path": ["Herons", "Nesting"],
+    }
+    only_food = await tool.call(ctx, {"query": "herons nesting", "knowledge_base": "food"})
+    assert {r["citation"]["document_id"] for r in only_food["results"]} <= {bread["id"]}  # type: ignore[index]
+    with pytest.raises(ToolFailure, match="no knowledge base named 'secret'"):
+        await tool.call(ctx, {"query": "x", "knowledge_base": "secret"})
+    # Another workspace naming Alice's knowledge bases finds none of them.
+    with pytest.raises(ToolFailure, match="none of this agent's knowledge bases exists"):
+        await tool.call(context(bob.workspace_id, [nature["id"], "food"]), {"query": "herons"})
+    with pytest.raises(ToolFailure, match="no knowledge bases"):
+        await tool.call(ToolContext(workspace_id=alice.workspace_id), {"query": "herons"})

@@ -25,11 +25,15 @@ class KnowledgeBaseRepository(WorkspaceRepository[KnowledgeBase]):
         )
         return row
 
-    async def by_id_or_name(self, ref: str) -> KnowledgeBase:
+    async def find(self, ref: str) -> KnowledgeBase | None:
+        """The knowledge base with this id, else with this name."""
         row: KnowledgeBase | None = None
         with contextlib.suppress(ValueError):
             row = await self.get(uuid.UUID(ref))
-        row = row or await self.by_name(ref)
+        return row or await self.by_name(ref)
+
+    async def by_id_or_name(self, ref: str) -> KnowledgeBase:
+        row = await self.find(ref)
         if row is None:
             raise NotFound(f"No knowledge base with id or name {ref!r} in this workspace.")
         return row

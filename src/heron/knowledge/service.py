@@ -10,13 +10,15 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
+from pydantic import JsonValue
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from heron.core.crypto import SecretBox
-from heron.core.errors import Conflict, FieldError, ValidationFailed
+from heron.core.errors import Conflict, FieldError, HeronError, ValidationFailed
 from heron.core.ids import utcnow
 from heron.core.netguard import NetGuard
+from heron.db.engine import Database
 from heron.db.session import after_commit
 from heron.knowledge import index
 from heron.knowledge.models import (
@@ -424,3 +426,69 @@ async def _vector_hits(
         hits += await index.vector_search(session, group, vector, depth, allowed)
     hits.sort(key=lambda h: h.score, reverse=True)
     return hits[:depth]
+
+
+# Agents ------------------------------------------------------------------------------------------
+
+
+class AgentKnowledge:
+    """The knowledge bases one agent run may search (`ToolContext.knowledge`): the references
+    of its spec, resolved in its workspace when it searches (a renamed or deleted knowledge base
+    is reported to the model, not to the run)."""
+
+    def __init__(
+        self,
+        db: Database,
+        embedder_for: EmbedderFactory,
+        workspace_id: uuid.UUID,
+        refs: Sequence[str],
+    ) -> None:
+        self.db = db
+        self.embedder_for = embedder_for
+        self.workspace_id = workspace_id
+        self.refs = list(refs)
+
+    async def search(
+        self, query: str, *, top_k: int, knowledge_base: str | None
+    ) -> list[dict[str, JsonValue]]:
+        from heron.tools.registry import ToolFailure
+
+        async with self.db.session(write=False) as session:
+            repo = KnowledgeBaseRepository(session, self.workspace_id)
+            kbs = [kb for kb in [await repo.find(ref) for ref in self.refs] if kb is not None]
+            if knowledge_base is not None:
+                kbs = [kb for kb in kbs if knowledge_base in (kb.name, str(kb.id))]
+                if not kbs:
+                    raise ToolFailure(
+                        f"no knowledge base named {knowledge_base!r} is available; available: "
+                        + ", ".join(repr(ref) for ref in self.refs)
+                    )
+            if not kbs:
+                raise ToolFailure("none of this agent's knowledge bases exists any more")
+            names = {kb.id: kb.name for kb in kbs}
+            try:
+                found = await search(
+                    session,
+                    self.workspace_id,
+                    kbs,
+                    SearchRequest(query=query, top_k=top_k, mode="hybrid"),
+                    self.embedder_for,
+                )
+            except HeronError as exc:
+                raise ToolFailure(f"the search failed: {exc.detail}") from None
+        return [
+            {
+                "text": r.text,
+                "score": round(r.score, 6),
+                "citation": {
+                    "knowledge_base": names[r.knowledge_base_id],
+                    "knowledge_base_id": str(r.knowledge_base_id),
+                    "document_id": str(r.document_id),
+                    "document_title": r.document_title,
+                    "chunk_id": r.chunk_id,
+                    "page": r.page,
+                    "heading_path": list(r.heading_path),
+                },
+            }
+            for r in found
+        ]
