@@ -22,6 +22,7 @@ from starlette.routing import Route
 
 import filekinds
 from conftest import BACKEND, Tenant, serve
+from fakes.openai_server import FakeOpenAI, Reply
 from heron.core.ids import utcnow
 from heron.db.engine import Database
 from heron.knowledge import index
@@ -595,3 +596,55 @@ async def test_search_knowledge_answers_passages_with_their_citations(
         await tool.call(context(bob.workspace_id, [nature["id"], "food"]), {"query": "herons"})
     with pytest.raises(ToolFailure, match="no knowledge bases"):
         await tool.call(ToolContext(workspace_id=alice.workspace_id), {"query": "herons"})
+
+
+async def test_a_knowledge_base_can_embed_with_a_providers_model(
+    client: httpx.AsyncClient, alice: Tenant
+) -> None:
+    fake = FakeOpenAI(api_key="sk-embed-0123456789", models=["embedder"])
+    async with fake.serve() as url:
+        provider = await client.post(
+            "/api/providers",
+            json={
+                "name": "gateway",
+                "kind": "openai-compatible",
+                "base_url": url,
+                "api_key": "sk-embed-0123456789",
+            },
+            headers=alice.headers,
+        )
+        assert provider.status_code == 201, provider.text
+        missing_size = await client.post(
+            "/api/knowledge-bases",
+            json={"name": "remote", "embedding_model": "gateway:embedder"},
+            headers=alice.headers,
+        )
+        assert missing_size.status_code == 422
+        kb = await create_kb(
+            client, alice, "remote", embedding_model="gateway:embedder", embedding_dimensions=8
+        )
+        assert kb["embedding_dimensions"] == 8
+        bread = await add(client, alice, kb["id"], text=BAKING, title="Bread")
+        await wait_idle(client, alice, kb["id"])
+        fake.push_embeddings(Reply.failure(400, "input too long", type="invalid_request_error"))
+        refused = await add(client, alice, kb["id"], text=VOLCANO, title="Lava")
+        await wait_idle(client, alice, kb["id"])
+
+        assert (await document(client, alice, kb["id"], bread["id"]))["status"] == "ready"
+        failed = await document(client, alice, kb["id"], refused["id"])
+        assert failed["status"] == "failed"
+        assert "input too long" in failed["error"]
+        # The fake's embeddings hash the text: only the same text is its nearest neighbour.
+        found = await search(client, alice, kb["id"], BAKING, mode="vector")
+        assert found[0]["document_id"] == bread["id"]
+        assert found[0]["score"] == pytest.approx(1.0, abs=1e-5)
+        assert fake.embedding_requests[-1].body["model"] == "embedder"
+
+    await client.delete(f"/api/providers/{provider.json()['id']}", headers=alice.headers)
+    orphaned = await client.post(
+        f"/api/knowledge-bases/{kb['id']}/search",
+        json={"query": "bread", "mode": "vector"},
+        headers=alice.headers,
+    )
+    assert orphaned.status_code == 409
+    assert "gateway" in orphaned.json()["detail"]
