@@ -11,6 +11,7 @@ import json
 import math
 import tracemalloc
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -103,9 +104,24 @@ def make_docx() -> bytes:
     table = document.add_table(rows=2, cols=2)
     table.cell(0, 0).text, table.cell(0, 1).text = "Team", "Office"
     table.cell(1, 0).text, table.cell(1, 1).text = "Platform", "Lisbon"
+    document.add_picture(io.BytesIO(tiny_png()))
     out = io.BytesIO()
     document.save(out)
     return out.getvalue()
+
+
+def tiny_png() -> bytes:
+    def part(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data).to_bytes(4, "big")
+        return len(data).to_bytes(4, "big") + kind + data + crc
+
+    header = (1).to_bytes(4, "big") * 2 + bytes([8, 2, 0, 0, 0])
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + part(b"IHDR", header)
+        + part(b"IDAT", zlib.compress(b"\x00\xff\x00\x00"))
+        + part(b"IEND", b"")
+    )
 
 
 def make_pptx(slides: list[tuple[str, str]]) -> bytes:
@@ -192,6 +208,7 @@ def test_docx_headings_paragraphs_and_tables_come_back_as_markdown() -> None:
     assert "twenty-five days of paid leave" in text
     assert "Platform" in text
     assert "Lisbon" in text
+    assert "base64" not in text  # an embedded image leaves no data URI behind
 
 
 def test_pptx_gives_one_page_per_slide() -> None:
@@ -306,6 +323,14 @@ def test_an_unsupported_type_fails_with_a_reason() -> None:
 def test_an_office_file_that_is_not_a_zip_fails_with_a_reason(content_type: str, kind: str) -> None:
     with pytest.raises(ParseError, match=f"{kind} file is damaged"):
         parse(b"PK\x03\x04 not really a zip archive", content_type)
+
+
+def test_a_password_protected_office_file_fails_saying_so() -> None:
+    # Office encrypts a protected DOCX/XLSX into an OLE compound file instead of a ZIP.
+    ole = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(4088)
+    for content_type in (DOCX, XLSX, PPTX):
+        with pytest.raises(ParseError, match="password-protected"):
+            parse(ole, content_type)
 
 
 def test_a_docx_missing_its_document_fails_with_a_reason() -> None:

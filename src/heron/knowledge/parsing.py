@@ -321,6 +321,10 @@ def _markdown_table(rows: Iterable[Iterable[Any]], max_chars: int) -> tuple[str,
 # Office files (ZIP archives) -------------------------------------------------------------------
 
 
+# Office files saved with a password, and .doc/.xls/.ppt files, are OLE compound files.
+_OLE_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
+
+
 def _check_archive(stream: IO[bytes], size: int, limits: ParseLimits, kind: str) -> None:
     """Refuse a ZIP that would decompress to too much, before any parser opens it.
 
@@ -333,6 +337,12 @@ def _check_archive(stream: IO[bytes], size: int, limits: ParseLimits, kind: str)
             f"The {kind} file is {size // MiB} MiB; "
             f"the limit is {limits.max_file_bytes // MiB} MiB."
         )
+    if stream.read(8) == _OLE_MAGIC:
+        raise ParseError(
+            f"The {kind} file is password-protected or in the old binary Office format; "
+            f"save it as a {kind} file without a password."
+        )
+    stream.seek(0)
     try:
         with zipfile.ZipFile(stream) as archive:
             entries = archive.infolist()
@@ -388,6 +398,9 @@ _OFFICE_FAILURES: tuple[type[BaseException], ...] = (
 )
 
 
+_DATA_URI_IMAGE = re.compile(r"!\[([^\]\n]*)\]\(data:[^)\s]*\)")
+
+
 def _markitdown(stream: IO[bytes], converter: Any, kind: str, extension: str) -> str:
     from lxml.etree import LxmlError  # type: ignore[import-untyped]
     from markitdown import StreamInfo
@@ -402,7 +415,8 @@ def _markitdown(stream: IO[bytes], converter: Any, kind: str, extension: str) ->
     except failures as exc:
         raise ParseError(f"The {kind} file is damaged ({type(exc).__name__}: {exc}).") from exc
     markdown: str = result.markdown
-    return markdown
+    # Embedded images arrive as `![alt](data:image/png;base64...)`: only the alt text says anything.
+    return _DATA_URI_IMAGE.sub(lambda m: m.group(1), markdown)
 
 
 def _read_docx(
