@@ -9,6 +9,7 @@ import io
 import itertools
 import json
 import math
+import random
 import tracemalloc
 import zipfile
 import zlib
@@ -341,6 +342,53 @@ def test_a_docx_missing_its_document_fails_with_a_reason() -> None:
         parse(out.getvalue(), DOCX)
 
 
+def mangled(good: bytes, rng: random.Random) -> bytes:
+    """`good` cut short, or with bytes overwritten, or (a ZIP) with one part's XML damaged."""
+    data = bytearray(good)
+    how = rng.randrange(3)
+    if how == 0:
+        return bytes(data[: rng.randrange(1, len(data))])
+    if how == 1 or not good.startswith(b"PK"):
+        for _ in range(rng.randint(1, 20)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        return bytes(data)
+    out = io.BytesIO()
+    with (
+        zipfile.ZipFile(io.BytesIO(good)) as source,
+        zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as target,
+    ):
+        victim = rng.choice(source.namelist())
+        for name in source.namelist():
+            part = bytearray(source.read(name))
+            if name == victim and part:
+                for _ in range(rng.randint(1, 10)):
+                    part[rng.randrange(len(part))] = rng.choice(b'<>/"=& x\x00\xff')
+            target.writestr(name, bytes(part))
+    return out.getvalue()
+
+
+def test_damaged_files_parse_or_fail_with_a_reason_never_otherwise() -> None:
+    rng = random.Random(20261122)
+    samples = {
+        PDF: make_pdf(["Alpha page one", "Bravo page two"]),
+        DOCX: make_docx(),
+        PPTX: make_pptx([("Title", "Body"), ("Second", "More")]),
+        XLSX: make_xlsx(),
+        HTML: b"<html><body><h1>x</h1><table><tr><td>a</td></tr></table></body></html>",
+        CSV: b"a,b\n1,2\n",
+        JSON: b'{"a": [1, 2]}',
+    }
+    reasons: list[str] = []
+    for content_type, good in samples.items():
+        for _ in range(25):
+            try:
+                parse(mangled(good, rng), content_type)
+            except ParseError as exc:  # anything else fails the test
+                reasons.append(str(exc))
+    assert reasons
+    assert all(reasons)
+
+
 def test_a_zip_bomb_inside_a_docx_is_refused_before_it_is_decompressed() -> None:
     zeros = b"\x00" * MiB
     bomb = deflated_zip_entry(make_docx(), "word/media/image1.bin", [zeros] * 50)
@@ -577,6 +625,18 @@ def test_text_without_spaces_is_cut_between_tokens() -> None:
     assert len(chunks) > 10
     assert all(counter.count(c.text) <= 64 for c in chunks)
     assert covered(blob, chunks)
+
+
+def test_a_giant_word_is_cut_by_characters() -> None:
+    # The tokenizer counts any word of more than 100 characters as one unknown token.
+    blob = "QUJD" * 50_000
+    doc = ParsedDocument(pages=[ParsedPage(text=f"Attachment:\n{blob}\nEnd.", page=None)])
+
+    chunks = chunk(doc, size=64, overlap=8)
+
+    assert max(len(c.text) for c in chunks) <= 64 * 16
+    assert covered(doc.pages[0].text, chunks)
+    assert chunks[-1].text.endswith("End.")
 
 
 def test_chunking_checks_its_settings() -> None:

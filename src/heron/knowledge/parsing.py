@@ -372,7 +372,14 @@ def _check_archive(stream: IO[bytes], size: int, limits: ParseLimits, kind: str)
                 with archive.open(entry) as member:
                     while member.read(_BLOCK):
                         pass
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, OSError) as exc:
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        zlib.error,
+        EOFError,
+        OSError,
+        ValueError,
+    ) as exc:
         raise ParseError(f"The {kind} file is damaged or isn't a {kind} file ({exc}).") from exc
     except NotImplementedError as exc:  # an unsupported compression method or encryption
         raise ParseError(f"The {kind} file can't be read: {exc}.") from exc
