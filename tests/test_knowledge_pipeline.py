@@ -320,6 +320,10 @@ def test_an_unsupported_type_fails_with_a_reason() -> None:
         parse(b"\x89PNG\r\n\x1a\n", "image/png")
 
 
+def test_other_text_types_are_read_as_plain_text() -> None:
+    assert parse(b"def main():\n    pass\n", "text/x-python").text == "def main():\n    pass"
+
+
 @pytest.mark.parametrize(("content_type", "kind"), [(DOCX, "DOCX"), (PPTX, "PPTX"), (XLSX, "XLSX")])
 def test_an_office_file_that_is_not_a_zip_fails_with_a_reason(content_type: str, kind: str) -> None:
     with pytest.raises(ParseError, match=f"{kind} file is damaged"):
@@ -680,6 +684,7 @@ async def test_local_embeddings_are_unit_float32_rows_of_384(embedder: LocalEmbe
 
     assert vectors.shape == (3, 384)
     assert vectors.dtype == np.float32
+    assert (await embedder.embed([])).shape == (0, 384)
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     assert embedder.name == "all-MiniLM-L6-v2"
     assert embedder.dimensions == 384
@@ -749,6 +754,22 @@ async def test_embedding_runs_off_the_event_loop(embedder: LocalEmbedder) -> Non
 
 def test_the_local_embedder_is_one_per_process() -> None:
     assert local_embedder() is local_embedder()
+
+
+def test_a_forked_worker_loads_its_own_local_embedder(embedder: LocalEmbedder) -> None:
+    import multiprocessing
+
+    embedder.load()
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        child_is_parent, shape = pool.apply(_embed_in_child, (id(embedder),))
+
+    assert child_is_parent is False
+    assert shape == (1, 384)
+
+
+def _embed_in_child(parent_id: int) -> tuple[bool, tuple[int, ...]]:
+    embedder = local_embedder()
+    return id(embedder) == parent_id, embedder.embed_sync(["from a worker"]).shape
 
 
 def test_a_missing_model_file_fails_with_a_reason(tmp_path: Path) -> None:

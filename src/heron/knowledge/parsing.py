@@ -13,9 +13,9 @@ or exhausts memory over a hostile file, because every format is read within `Par
 - XLSX (python-calamine, Rust): each sheet becomes `## <sheet name>` and a Markdown table, read
   row by row and cut at the text limit. (markitdown's route through pandas and HTML took 52 s and
   1 GB of memory for a 500,000-cell sheet that calamine reads in under a second.)
-- HTML (markitdown), CSV (a Markdown table), JSON (pretty-printed when it parses), Markdown and
-  plain text: decoded from UTF-8, a byte-order mark, or the detected legacy encoding, read
-  incrementally so a 50 MB file costs no more than the limit.
+- HTML (markitdown), CSV (a Markdown table), JSON (pretty-printed when it parses), Markdown,
+  plain text and any other `text/*` type: decoded from UTF-8, a byte-order mark, or the
+  detected legacy encoding, read incrementally so a 50 MB file costs no more than the limit.
 
 Text past `ParseLimits.max_chars` is cut at a line break and the document is marked `truncated`.
 """
@@ -119,6 +119,8 @@ def parse(
     """Extract a document's text as Markdown; raise `ParseError` saying why it can't be."""
     kind = normalize_content_type(content_type)
     reader = _READERS.get(kind)
+    if reader is None and kind.startswith("text/"):
+        reader = _read_plain  # source code, logs, reStructuredText...: text all the same
     if reader is None:
         raise ParseError(f"Unsupported file type {kind or '(none)'}.")
     charset = _charset_param(content_type)
