@@ -9,8 +9,10 @@ import io
 import itertools
 import json
 import math
+import random
 import tracemalloc
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -103,9 +105,24 @@ def make_docx() -> bytes:
     table = document.add_table(rows=2, cols=2)
     table.cell(0, 0).text, table.cell(0, 1).text = "Team", "Office"
     table.cell(1, 0).text, table.cell(1, 1).text = "Platform", "Lisbon"
+    document.add_picture(io.BytesIO(tiny_png()))
     out = io.BytesIO()
     document.save(out)
     return out.getvalue()
+
+
+def tiny_png() -> bytes:
+    def part(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data).to_bytes(4, "big")
+        return len(data).to_bytes(4, "big") + kind + data + crc
+
+    header = (1).to_bytes(4, "big") * 2 + bytes([8, 2, 0, 0, 0])
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + part(b"IHDR", header)
+        + part(b"IDAT", zlib.compress(b"\x00\xff\x00\x00"))
+        + part(b"IEND", b"")
+    )
 
 
 def make_pptx(slides: list[tuple[str, str]]) -> bytes:
@@ -192,6 +209,7 @@ def test_docx_headings_paragraphs_and_tables_come_back_as_markdown() -> None:
     assert "twenty-five days of paid leave" in text
     assert "Platform" in text
     assert "Lisbon" in text
+    assert "base64" not in text  # an embedded image leaves no data URI behind
 
 
 def test_pptx_gives_one_page_per_slide() -> None:
@@ -302,10 +320,22 @@ def test_an_unsupported_type_fails_with_a_reason() -> None:
         parse(b"\x89PNG\r\n\x1a\n", "image/png")
 
 
+def test_other_text_types_are_read_as_plain_text() -> None:
+    assert parse(b"def main():\n    pass\n", "text/x-python").text == "def main():\n    pass"
+
+
 @pytest.mark.parametrize(("content_type", "kind"), [(DOCX, "DOCX"), (PPTX, "PPTX"), (XLSX, "XLSX")])
 def test_an_office_file_that_is_not_a_zip_fails_with_a_reason(content_type: str, kind: str) -> None:
     with pytest.raises(ParseError, match=f"{kind} file is damaged"):
         parse(b"PK\x03\x04 not really a zip archive", content_type)
+
+
+def test_a_password_protected_office_file_fails_saying_so() -> None:
+    # Office encrypts a protected DOCX/XLSX into an OLE compound file instead of a ZIP.
+    ole = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(4088)
+    for content_type in (DOCX, XLSX, PPTX):
+        with pytest.raises(ParseError, match="password-protected"):
+            parse(ole, content_type)
 
 
 def test_a_docx_missing_its_document_fails_with_a_reason() -> None:
@@ -314,6 +344,53 @@ def test_a_docx_missing_its_document_fails_with_a_reason() -> None:
         archive.writestr("[Content_Types].xml", "<Types/>")
     with pytest.raises(ParseError, match="DOCX file is damaged"):
         parse(out.getvalue(), DOCX)
+
+
+def mangled(good: bytes, rng: random.Random) -> bytes:
+    """`good` cut short, or with bytes overwritten, or (a ZIP) with one part's XML damaged."""
+    data = bytearray(good)
+    how = rng.randrange(3)
+    if how == 0:
+        return bytes(data[: rng.randrange(1, len(data))])
+    if how == 1 or not good.startswith(b"PK"):
+        for _ in range(rng.randint(1, 20)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        return bytes(data)
+    out = io.BytesIO()
+    with (
+        zipfile.ZipFile(io.BytesIO(good)) as source,
+        zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as target,
+    ):
+        victim = rng.choice(source.namelist())
+        for name in source.namelist():
+            part = bytearray(source.read(name))
+            if name == victim and part:
+                for _ in range(rng.randint(1, 10)):
+                    part[rng.randrange(len(part))] = rng.choice(b'<>/"=& x\x00\xff')
+            target.writestr(name, bytes(part))
+    return out.getvalue()
+
+
+def test_damaged_files_parse_or_fail_with_a_reason_never_otherwise() -> None:
+    rng = random.Random(20261122)
+    samples = {
+        PDF: make_pdf(["Alpha page one", "Bravo page two"]),
+        DOCX: make_docx(),
+        PPTX: make_pptx([("Title", "Body"), ("Second", "More")]),
+        XLSX: make_xlsx(),
+        HTML: b"<html><body><h1>x</h1><table><tr><td>a</td></tr></table></body></html>",
+        CSV: b"a,b\n1,2\n",
+        JSON: b'{"a": [1, 2]}',
+    }
+    reasons: list[str] = []
+    for content_type, good in samples.items():
+        for _ in range(25):
+            try:
+                parse(mangled(good, rng), content_type)
+            except ParseError as exc:  # anything else fails the test
+                reasons.append(str(exc))
+    assert reasons
+    assert all(reasons)
 
 
 def test_a_zip_bomb_inside_a_docx_is_refused_before_it_is_decompressed() -> None:
@@ -554,6 +631,18 @@ def test_text_without_spaces_is_cut_between_tokens() -> None:
     assert covered(blob, chunks)
 
 
+def test_a_giant_word_is_cut_by_characters() -> None:
+    # The tokenizer counts any word of more than 100 characters as one unknown token.
+    blob = "QUJD" * 50_000
+    doc = ParsedDocument(pages=[ParsedPage(text=f"Attachment:\n{blob}\nEnd.", page=None)])
+
+    chunks = chunk(doc, size=64, overlap=8)
+
+    assert max(len(c.text) for c in chunks) <= 64 * 16
+    assert covered(doc.pages[0].text, chunks)
+    assert chunks[-1].text.endswith("End.")
+
+
 def test_chunking_checks_its_settings() -> None:
     doc = ParsedDocument(pages=[ParsedPage(text="text", page=None)])
     with pytest.raises(ValueError, match="overlap"):
@@ -595,6 +684,7 @@ async def test_local_embeddings_are_unit_float32_rows_of_384(embedder: LocalEmbe
 
     assert vectors.shape == (3, 384)
     assert vectors.dtype == np.float32
+    assert (await embedder.embed([])).shape == (0, 384)
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     assert embedder.name == "all-MiniLM-L6-v2"
     assert embedder.dimensions == 384
@@ -664,6 +754,22 @@ async def test_embedding_runs_off_the_event_loop(embedder: LocalEmbedder) -> Non
 
 def test_the_local_embedder_is_one_per_process() -> None:
     assert local_embedder() is local_embedder()
+
+
+def test_a_forked_worker_loads_its_own_local_embedder(embedder: LocalEmbedder) -> None:
+    import multiprocessing
+
+    embedder.load()
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        child_is_parent, shape = pool.apply(_embed_in_child, (id(embedder),))
+
+    assert child_is_parent is False
+    assert shape == (1, 384)
+
+
+def _embed_in_child(parent_id: int) -> tuple[bool, tuple[int, ...]]:
+    embedder = local_embedder()
+    return id(embedder) == parent_id, embedder.embed_sync(["from a worker"]).shape
 
 
 def test_a_missing_model_file_fails_with_a_reason(tmp_path: Path) -> None:

@@ -37,6 +37,7 @@ _SEPARATORS = (
 )
 _SENTENCE_ENDS = frozenset(".!?\u3002\uff01\uff1f")  # and the CJK full stop, ! and ?
 _HEADING_OR_FENCE = re.compile(r"^ {0,3}(?:(```|~~~)|(#{1,6})[ \t]+(.*?))[ \t]*$", re.MULTILINE)
+_MAX_CHARS_PER_TOKEN = 16  # a chunk longer than this many characters per token is cut anyway
 _TOKENIZE_BLOCK = 32_768  # characters tokenized as one item of a batch
 
 
@@ -84,7 +85,7 @@ def chunk(
                         position=len(chunks),
                         heading_path=path,
                         page=page.page,
-                        token_count=cutter.tokens(s, e),
+                        token_count=max(1, cutter.tokens(s, e)),
                         start=s,
                         end=e,
                     )
@@ -136,13 +137,18 @@ class _PageCutter:
     def tokens(self, start: int, end: int) -> int:
         return self._index(end) - self._index(start)
 
+    def fits(self, start: int, end: int, budget: int) -> bool:
+        """Within `budget` tokens, and not absurdly long in characters (the tokenizer counts a
+        word of more than 100 characters, such as a base64 blob, as one unknown token)."""
+        return end - start <= budget * _MAX_CHARS_PER_TOKEN and self.tokens(start, end) <= budget
+
     def cut(self, start: int, end: int) -> list[tuple[int, int]]:
         """Chunks of text[start:end] as (start, end) spans, whitespace trimmed."""
-        if self.tokens(start, end) <= self.size:
+        if self.fits(start, end, self.size):
             spans = [(start, end)]
         else:
             spans = self._split(start, end, 0, self.size - self.overlap)
-            spans = [spans[0]] + [(self._overlap_start(s, start), e) for s, e in spans[1:]]
+            spans = [spans[0]] + [(self._overlap_start(s, e, start), e) for s, e in spans[1:]]
         return [trimmed for s, e in spans if (trimmed := self._trim(s, e)) is not None]
 
     def _trim(self, start: int, end: int) -> tuple[int, int] | None:
@@ -154,7 +160,7 @@ class _PageCutter:
         return start, start + len(stripped.rstrip())
 
     def _split(self, start: int, end: int, level: int, budget: int) -> list[tuple[int, int]]:
-        if self.tokens(start, end) <= budget:
+        if self.fits(start, end, budget):
             return [(start, end)]
         if level == len(_SEPARATORS):
             return self._windows(start, end, budget)
@@ -168,14 +174,14 @@ class _PageCutter:
         spans: list[tuple[int, int]] = []
         current: tuple[int, int] | None = None
         for s, e in itertools.pairwise(bounds):
-            if self.tokens(s, e) > budget:
+            if not self.fits(s, e, budget):
                 # A short lead-in (a heading, a label) is cut together with the long piece
                 # after it, so it doesn't end up a chunk of its own.
                 if current and self.tokens(*current) <= budget // 4:
                     s, current = current[0], None
                 # Cut the long piece finer; its first and last parts may still join neighbours.
                 subs = self._split(s, e, level + 1, budget)
-                if current and self.tokens(current[0], subs[0][1]) <= budget:
+                if current and self.fits(current[0], subs[0][1], budget):
                     subs[0] = (current[0], subs[0][1])
                 elif current:
                     spans.append(current)
@@ -183,7 +189,7 @@ class _PageCutter:
                 current = subs[-1]
             elif current is None:
                 current = (s, e)
-            elif self.tokens(current[0], e) <= budget:
+            elif self.fits(current[0], e, budget):
                 current = (current[0], e)
             else:
                 spans.append(current)
@@ -213,7 +219,11 @@ class _PageCutter:
                 )
             )
             at = stop
-        return spans
+        if not spans:
+            spans = [(start, end)]
+        # A window can still be too long in characters: cut those by characters.
+        width = budget * _MAX_CHARS_PER_TOKEN
+        return [(cut, min(cut + width, e)) for s, e in spans for cut in range(s, e, width)]
 
     def _clean_boundary(self, index: int) -> bool:
         """A cut before token `index` doesn't split a word in two."""
@@ -223,8 +233,8 @@ class _PageCutter:
         before, after = self.text[previous_end - 1], self.text[next_start]
         return not (before.isalnum() and after.isalnum())
 
-    def _overlap_start(self, start: int, floor: int) -> int:
-        """Where a chunk starting at `start` begins once it repeats up to `overlap` tokens of the
+    def _overlap_start(self, start: int, end: int, floor: int) -> int:
+        """Where the chunk text[start:end] begins once it repeats up to `overlap` tokens of the
         text before it (never before `floor`), at the start of a word."""
         if not self.overlap:
             return start
@@ -233,7 +243,8 @@ class _PageCutter:
         words = [
             offset
             for offset in (int(o) for o in self.starts[lowest:first])
-            if offset == floor or self.text[offset - 1].isspace()
+            if (offset == floor or self.text[offset - 1].isspace())
+            and self.fits(offset, end, self.size)
         ]
         # Prefer to begin at a sentence, else at the earliest word within reach.
         for offset in words:

@@ -198,6 +198,15 @@ def local_embedder() -> LocalEmbedder:
         return _local
 
 
+def _forget_in_child() -> None:
+    # A forked worker can't use its parent's inference thread or session: it loads its own.
+    global _local, _local_lock
+    _local, _local_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
 # OpenAI-compatible providers -------------------------------------------------------------------
 
 RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})

@@ -13,9 +13,9 @@ or exhausts memory over a hostile file, because every format is read within `Par
 - XLSX (python-calamine, Rust): each sheet becomes `## <sheet name>` and a Markdown table, read
   row by row and cut at the text limit. (markitdown's route through pandas and HTML took 52 s and
   1 GB of memory for a 500,000-cell sheet that calamine reads in under a second.)
-- HTML (markitdown), CSV (a Markdown table), JSON (pretty-printed when it parses), Markdown and
-  plain text: decoded from UTF-8, a byte-order mark, or the detected legacy encoding, read
-  incrementally so a 50 MB file costs no more than the limit.
+- HTML (markitdown), CSV (a Markdown table), JSON (pretty-printed when it parses), Markdown,
+  plain text and any other `text/*` type: decoded from UTF-8, a byte-order mark, or the
+  detected legacy encoding, read incrementally so a 50 MB file costs no more than the limit.
 
 Text past `ParseLimits.max_chars` is cut at a line break and the document is marked `truncated`.
 """
@@ -119,6 +119,8 @@ def parse(
     """Extract a document's text as Markdown; raise `ParseError` saying why it can't be."""
     kind = normalize_content_type(content_type)
     reader = _READERS.get(kind)
+    if reader is None and kind.startswith("text/"):
+        reader = _read_plain  # source code, logs, reStructuredText...: text all the same
     if reader is None:
         raise ParseError(f"Unsupported file type {kind or '(none)'}.")
     charset = _charset_param(content_type)
@@ -321,6 +323,10 @@ def _markdown_table(rows: Iterable[Iterable[Any]], max_chars: int) -> tuple[str,
 # Office files (ZIP archives) -------------------------------------------------------------------
 
 
+# Office files saved with a password, and .doc/.xls/.ppt files, are OLE compound files.
+_OLE_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
+
+
 def _check_archive(stream: IO[bytes], size: int, limits: ParseLimits, kind: str) -> None:
     """Refuse a ZIP that would decompress to too much, before any parser opens it.
 
@@ -333,6 +339,12 @@ def _check_archive(stream: IO[bytes], size: int, limits: ParseLimits, kind: str)
             f"The {kind} file is {size // MiB} MiB; "
             f"the limit is {limits.max_file_bytes // MiB} MiB."
         )
+    if stream.read(8) == _OLE_MAGIC:
+        raise ParseError(
+            f"The {kind} file is password-protected or in the old binary Office format; "
+            f"save it as a {kind} file without a password."
+        )
+    stream.seek(0)
     try:
         with zipfile.ZipFile(stream) as archive:
             entries = archive.infolist()
@@ -362,7 +374,14 @@ def _check_archive(stream: IO[bytes], size: int, limits: ParseLimits, kind: str)
                 with archive.open(entry) as member:
                     while member.read(_BLOCK):
                         pass
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, OSError) as exc:
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        zlib.error,
+        EOFError,
+        OSError,
+        ValueError,
+    ) as exc:
         raise ParseError(f"The {kind} file is damaged or isn't a {kind} file ({exc}).") from exc
     except NotImplementedError as exc:  # an unsupported compression method or encryption
         raise ParseError(f"The {kind} file can't be read: {exc}.") from exc
@@ -388,6 +407,9 @@ _OFFICE_FAILURES: tuple[type[BaseException], ...] = (
 )
 
 
+_DATA_URI_IMAGE = re.compile(r"!\[([^\]\n]*)\]\(data:[^)\s]*\)")
+
+
 def _markitdown(stream: IO[bytes], converter: Any, kind: str, extension: str) -> str:
     from lxml.etree import LxmlError  # type: ignore[import-untyped]
     from markitdown import StreamInfo
@@ -402,7 +424,8 @@ def _markitdown(stream: IO[bytes], converter: Any, kind: str, extension: str) ->
     except failures as exc:
         raise ParseError(f"The {kind} file is damaged ({type(exc).__name__}: {exc}).") from exc
     markdown: str = result.markdown
-    return markdown
+    # Embedded images arrive as `![alt](data:image/png;base64...)`: only the alt text says anything.
+    return _DATA_URI_IMAGE.sub(lambda m: m.group(1), markdown)
 
 
 def _read_docx(
@@ -410,8 +433,14 @@ def _read_docx(
 ) -> ParsedDocument:
     from markitdown.converters import DocxConverter
 
+    class TextOnlyDocxConverter(DocxConverter):
+        # By default every image is inlined as a base64 data URI, only to be dropped later:
+        # 40 MB of pictures cost 400 MB of memory. An empty fragment skips reading them.
+        def _image_to_html(self, *args: Any, **kwargs: Any) -> str:
+            return "<span></span>"
+
     _check_archive(stream, size, limits, "DOCX")
-    converter = DocxConverter()  # type: ignore[no-untyped-call]
+    converter = TextOnlyDocxConverter()  # type: ignore[no-untyped-call]
     text, truncated = _cut(_markitdown(stream, converter, "DOCX", ".docx"), limits.max_chars)
     return _single(text, truncated)
 
