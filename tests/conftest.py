@@ -230,6 +230,50 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         proc.wait(timeout=15)
 
 
+@pytest.fixture(params=["local", "s3"])
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """Runs a test once with each blob store: a local directory and S3 (moto)."""
+    kind: str = request.param
+    return kind
+
+
+@pytest.fixture
+def s3_bucket(store_kind: str, request: pytest.FixtureRequest) -> str | None:
+    """A new, empty bucket for an S3 run; None for a local one."""
+    if store_kind != "s3":
+        return None
+    server: S3Server = request.getfixturevalue("s3_server")
+    return server.create_bucket()
+
+
+class Leftovers:
+    """Everything a store holds, to check that a failure left nothing behind."""
+
+    def __init__(self, store_kind: str, root: Path, server: S3Server | None, bucket: str | None):
+        self.store_kind, self.root, self.server, self.bucket = store_kind, root, server, bucket
+
+    def __call__(self) -> list[str]:
+        if self.store_kind == "local":
+            if not self.root.exists():
+                return []
+            return sorted(
+                str(p.relative_to(self.root)) for p in self.root.rglob("*") if p.is_file()
+            )
+        assert self.server is not None
+        assert self.bucket is not None
+        unfinished = self.server.unfinished_uploads(self.bucket)
+        return sorted(self.server.keys(self.bucket)) + [f"upload:{u}" for u in unfinished]
+
+
+@pytest.fixture
+def leftovers(
+    store_kind: str, s3_bucket: str | None, tmp_path: Path, request: pytest.FixtureRequest
+) -> Leftovers:
+    """What the test's store holds; a local store must live in `tmp_path / "blobs"`."""
+    server = request.getfixturevalue("s3_server") if store_kind == "s3" else None
+    return Leftovers(store_kind, tmp_path / "blobs", server, s3_bucket)
+
+
 # The application -------------------------------------------------------------------------------
 
 
@@ -367,6 +411,7 @@ async def bob(db: Database) -> Tenant:
 
 __all__ = [
     "BACKEND",
+    "Leftovers",
     "S3Server",
     "Tenant",
     "bootstrap",

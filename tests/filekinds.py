@@ -1,5 +1,6 @@
-"""Real files of the kinds Heron tells apart, built in memory: a PDF with a valid xref table,
-OOXML packages with the parts Office writes, a PNG with correct CRCs, and texts."""
+"""Real files of the kinds Heron tells apart, built in memory (a PDF with a valid xref table,
+OOXML packages with the parts Office writes, a PNG with correct CRCs, texts), with the content
+type each must be given; and random content generated on the fly."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import random
 import struct
 import zipfile
 import zlib
+from collections.abc import AsyncIterator, Iterator
+
+from heron.files.sniffing import DOCX, PPTX, XLSX
 
 
 def pdf(text: str = "Hello, Heron") -> bytes:
@@ -163,3 +167,46 @@ JPEG_HEAD = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x
 
 def garbage(size: int = 4096, seed: int = 7) -> bytes:
     return b"\x00\x01" + random.Random(seed).randbytes(size - 2)
+
+
+def random_chunks(total: int, chunk: int = 256 * 1024, seed: int = 3) -> Iterator[bytes]:
+    rng = random.Random(seed)
+    sent = 0
+    while sent < total:
+        size = min(chunk, total - sent)
+        yield rng.randbytes(size)
+        sent += size
+
+
+async def agen(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
+
+
+# Each kind's bytes and the content type sniffed from them.
+SAMPLES: dict[str, tuple[bytes, str]] = {
+    "pdf": (pdf(), "application/pdf"),
+    "docx": (docx(), DOCX),
+    "xlsx": (xlsx(), XLSX),
+    "pptx": (pptx(), PPTX),
+    "zip": (plain_zip(), "application/zip"),
+    "png": (png(), "image/png"),
+    "gif": (GIF, "image/gif"),
+    "jpeg": (JPEG_HEAD + b"\x00" * 100, "image/jpeg"),
+    "utf8": ("Grüße aus Köln — 世界\nline two\n".encode(), "text/plain; charset=utf-8"),
+    "utf8-bom": ("\ufeffhello\n".encode(), "text/plain; charset=utf-8"),
+    "markdown": (
+        b"# Title\n\nSome text with a [link](https://example.com).\n\n- one\n- two\n",
+        "text/markdown; charset=utf-8",
+    ),
+    "csv": (b'name,age,city\nalice,30,Paris\nbob,41,"Rio, BR"\n', "text/csv; charset=utf-8"),
+    "tsv": (b"name\tage\nalice\t30\n", "text/tab-separated-values; charset=utf-8"),
+    "json": (json.dumps({"a": [1, 2], "b": "é"}).encode(), "application/json; charset=utf-8"),
+    "html": (
+        b"<!DOCTYPE html><html><body><script>alert(1)</script></body></html>",
+        "text/html; charset=utf-8",
+    ),
+    "latin-1": ("café au lait, crème brûlée\n".encode("latin-1"), "text/plain"),
+    "garbage": (garbage(), "application/octet-stream"),
+    "empty": (b"", "text/plain; charset=utf-8"),
+}

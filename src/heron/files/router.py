@@ -100,7 +100,10 @@ async def upload_file(request: Request, session: DbSession, principal: Writer) -
         try:
             service.check_declared_size(int(declared) - FORM_OVERHEAD, limits, space)
         except PayloadTooLarge as exc:
-            exc.headers["Connection"] = "close"  # the body is not read
+            if int(declared) <= DRAIN_BYTES:
+                await upload.drain(DRAIN_BYTES)
+            else:
+                exc.headers["Connection"] = "close"  # the body is not read
             raise
     try:
         name = await upload.open()

@@ -10,7 +10,8 @@ An upload is three steps, so that the caller can end its transaction while the b
 3. `record_file` re-checks the quota under a lock on the workspace and adds the row; if that
    fails the blob is deleted.
 
-Other domains read a file's bytes with `open_content`. Services flush but never commit.
+`add_file` does the three in one for other domains, which read a file's bytes with
+`open_content`. Services flush but never commit.
 """
 
 from __future__ import annotations
@@ -182,6 +183,24 @@ async def record_file(
         await discard(blobs, stored)
         raise
     return row
+
+
+async def add_file(
+    session: AsyncSession,
+    blobs: BlobStore,
+    limits: FileLimits,
+    workspace_id: uuid.UUID,
+    chunks: AsyncIterable[bytes],
+    *,
+    name: str,
+    created_by: uuid.UUID | None,
+) -> File:
+    """The three steps in one, for callers other than the upload endpoint (content fetched
+    from a URL, text given inline). The session's transaction stays open while the bytes
+    stream: on SQLite, where that holds the write lock, keep such content small."""
+    space = await space_left(session, workspace_id, limits)
+    stored = await store_content(blobs, workspace_id, chunks, limits, space)
+    return await record_file(session, blobs, limits, stored, name=name, created_by=created_by)
 
 
 async def discard(blobs: BlobStore, stored: StoredContent) -> None:

@@ -13,11 +13,16 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
+import structlog
+
+from heron.core.errors import ServiceUnavailable
 from heron.settings import Settings
+
+log = structlog.get_logger("heron.files.storage")
 
 if TYPE_CHECKING:
     from obstore.store import ClientConfig, S3Config, S3Store
@@ -32,6 +37,12 @@ _KEY = re.compile(r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")
 
 class BlobNotFound(Exception):
     """No blob is stored under the key."""
+
+
+class StorageUnavailable(ServiceUnavailable):
+    """The blob store failed (a full disk, an unreachable or refusing bucket)."""
+
+    slug, title = "storage-unavailable", "Storage unavailable"
 
 
 class BlobStore(Protocol):
@@ -112,11 +123,13 @@ class LocalBlobStore:
             await asyncio.to_thread(_sync_and_close, file)
             await asyncio.to_thread(os.replace, temporary, target)
             await asyncio.to_thread(_sync_directory, target.parent)
-        except BaseException:
+        except BaseException as exc:
             # Synchronous on purpose: this also runs when the task is being cancelled.
             file.close()
             with contextlib.suppress(FileNotFoundError):
                 temporary.unlink()
+            if isinstance(exc, OSError):
+                raise StorageUnavailable(f"Writing the file failed: {exc.strerror}.") from exc
             raise
 
     async def get(self, key: str) -> AsyncIterator[bytes]:
@@ -199,20 +212,23 @@ class S3BlobStore:
     async def put(self, key: str, chunks: AsyncIterable[bytes]) -> None:
         import obstore
 
-        await obstore.put_async(
-            self.store,
-            _checked(key),
-            chunks,
-            chunk_size=S3_PART,
-            max_concurrency=S3_CONCURRENCY,
-        )
+        # An error raised by `chunks` comes out as itself, after the upload was aborted.
+        with _s3_errors(not_found_is_missing=False):
+            await obstore.put_async(
+                self.store,
+                _checked(key),
+                chunks,
+                chunk_size=S3_PART,
+                max_concurrency=S3_CONCURRENCY,
+            )
 
     async def get(self, key: str) -> AsyncIterator[bytes]:
         import obstore
         from obstore.exceptions import NotFoundError
 
         try:
-            result = await obstore.get_async(self.store, _checked(key))
+            with _s3_errors():
+                result = await obstore.get_async(self.store, _checked(key))
         except (NotFoundError, FileNotFoundError):
             raise BlobNotFound(key) from None
         return _read_stream(result.stream(min_chunk_size=LOCAL_CHUNK))
@@ -221,7 +237,7 @@ class S3BlobStore:
         import obstore
         from obstore.exceptions import NotFoundError
 
-        with contextlib.suppress(NotFoundError, FileNotFoundError):
+        with _s3_errors(), contextlib.suppress(NotFoundError, FileNotFoundError):
             await obstore.delete_async(self.store, _checked(key))
 
     async def exists(self, key: str) -> bool:
@@ -229,7 +245,8 @@ class S3BlobStore:
         from obstore.exceptions import NotFoundError
 
         try:
-            await obstore.head_async(self.store, _checked(key))
+            with _s3_errors():
+                await obstore.head_async(self.store, _checked(key))
         except (NotFoundError, FileNotFoundError):
             return False
         return True
@@ -237,11 +254,31 @@ class S3BlobStore:
     async def delete_under(self, prefix: str) -> None:
         import obstore
 
-        async for batch in obstore.list(self.store, prefix=_checked(prefix), chunk_size=1000):
-            await obstore.delete_async(self.store, [meta["path"] for meta in batch])
+        with _s3_errors(not_found_is_missing=False):
+            stream = obstore.list(self.store, prefix=_checked(prefix), chunk_size=1000)
+            async for batch in stream:
+                await obstore.delete_async(self.store, [meta["path"] for meta in batch])
 
     async def close(self) -> None:
         return None
+
+
+@contextlib.contextmanager
+def _s3_errors(*, not_found_is_missing: bool = True) -> Iterator[None]:
+    """obstore's failures as StorageUnavailable; a 404 stays NotFoundError where it means a
+    missing object (where it can only mean a missing bucket, it is a failure too)."""
+    from obstore.exceptions import BaseError, NotFoundError
+
+    try:
+        yield
+    except (NotFoundError, FileNotFoundError) as exc:
+        if not_found_is_missing:
+            raise
+        log.error("blob_store_failed", error=str(exc))
+        raise StorageUnavailable("The file storage failed; the server log says why.") from exc
+    except BaseError as exc:
+        log.error("blob_store_failed", error=str(exc))
+        raise StorageUnavailable("The file storage failed; the server log says why.") from exc
 
 
 async def _read_stream(stream: AsyncIterable[Any]) -> AsyncIterator[bytes]:
