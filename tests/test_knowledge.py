@@ -634,8 +634,9 @@ async def test_a_knowledge_base_can_embed_with_a_providers_model(
         failed = await document(client, alice, kb["id"], refused["id"])
         assert failed["status"] == "failed"
         assert "input too long" in failed["error"]
-        # The fake's embeddings hash the text: only the same text is its nearest neighbour.
-        found = await search(client, alice, kb["id"], BAKING, mode="vector")
+        # The fake's embeddings hash the text: only the same text (the title, then the chunk)
+        # is its nearest neighbour.
+        found = await search(client, alice, kb["id"], f"Bread\n\n{BAKING}", mode="vector")
         assert found[0]["document_id"] == bread["id"]
         assert found[0]["score"] == pytest.approx(1.0, abs=1e-5)
         assert fake.embedding_requests[-1].body["model"] == "embedder"

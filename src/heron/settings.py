@@ -261,7 +261,7 @@ class KnowledgeSettings(BaseSettings):
     model_config = _config("HERON_KNOWLEDGE_")
 
     ingest_concurrency: Annotated[int, Field(ge=1, le=256)] = Field(
-        2, description="Documents ingested at once in one process (more wait, queued)."
+        4, description="Documents ingested at once in one process (more wait, queued)."
     )
     embed_batch_size: Annotated[int, Field(ge=1, le=4096)] = Field(
         64, description="Chunks embedded and written per batch (progress moves per batch)."

@@ -197,7 +197,10 @@ async def _ingest(ctx: IngestionContext, doc: Document, kb: KnowledgeBase) -> in
         )
         for piece in pieces
     ]
-    texts = [piece.embedding_text() for piece in pieces]
+    # The title is embedded with each chunk (as BEIR embeds title and text): it often names
+    # what the passage is about. A URL standing in for a missing title is left out.
+    title = doc.title if doc.title and doc.title != doc.url else ""
+    texts = [f"{title}\n\n{p.embedding_text()}" if title else p.embedding_text() for p in pieces]
     replacing = doc.indexed_at is not None
     async with ctx.db.session(write=True) as session, session.begin():
         await _hold(session, ctx, doc, status=DocumentStatus.embedding, chunks_total=len(rows))
