@@ -160,7 +160,6 @@ async def run_backend(
     name: str, url: str, docs: list[dict[str, Any]], queries: dict[str, str], qrels: Any
 ) -> dict[str, Any]:
     home = Path(tempfile.mkdtemp(prefix="heron-bench-"))
-    migrate.upgrade(url)
     result: dict[str, Any] = {"backend": name}
     async with (
         heron(home, url) as (base, headers),
@@ -271,10 +270,12 @@ def main() -> None:
     if args.backend in ("sqlite", "both"):
         scratch = Path(tempfile.mkdtemp(prefix="heron-bench-sqlite-"))
         url = f"sqlite+aiosqlite:///{scratch / uuid.uuid4().hex}.db"
+        migrate.upgrade(url)
         results.append(asyncio.run(run_backend("SQLite", url, docs, queries, qrels)))
         shutil.rmtree(scratch, ignore_errors=True)
     if args.backend in ("postgres", "both"):
         with postgres() as url:
+            migrate.upgrade(url)
             results.append(asyncio.run(run_backend("PostgreSQL", url, docs, queries, qrels)))
     section = render(results, bare, len(docs), len(qrels))
     print(section)

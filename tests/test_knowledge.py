@@ -363,6 +363,29 @@ async def test_deleting_documents_and_knowledge_bases_removes_their_chunks(
         assert left == 0
 
 
+async def test_a_document_deleted_while_it_ingests_leaves_nothing_behind(
+    client: httpx.AsyncClient, alice: Tenant, db: Database
+) -> None:
+    kb = await create_kb(client, alice, "hasty", chunk_size=64, chunk_overlap=8)
+    long_text = "\n\n".join(f"Section {i} on the migration of cranes. " * 6 for i in range(80))
+    doomed = await add(client, alice, kb["id"], text=long_text, title="Cranes")
+    kept = await add(client, alice, kb["id"], text=BAKING, title="Bread")
+    async with asyncio.timeout(60):
+        while (await document(client, alice, kb["id"], doomed["id"]))["chunks_done"] == 0:
+            await asyncio.sleep(0.02)
+    deleted = await client.delete(
+        f"/api/knowledge-bases/{kb['id']}/documents/{doomed['id']}", headers=alice.headers
+    )
+    assert deleted.status_code == 204
+    await wait_idle(client, alice, kb["id"])
+    await asyncio.sleep(0.5)  # a batch in flight when the document went finds it gone
+    assert await chunk_count(db, document_id=uuid.UUID(doomed["id"])) == 0
+    assert (await document(client, alice, kb["id"], kept["id"]))["status"] == "ready"
+    kb_now = (await client.get(f"/api/knowledge-bases/{kb['id']}", headers=alice.headers)).json()
+    assert kb_now["chunk_count"] == await chunk_count(db, knowledge_base_id=uuid.UUID(kb["id"]))
+    assert await search(client, alice, kb["id"], "migration of cranes", mode="keyword") == []
+
+
 async def test_reingesting_replaces_a_documents_chunks(
     client: httpx.AsyncClient, alice: Tenant, db: Database
 ) -> None:

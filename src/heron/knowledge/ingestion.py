@@ -15,6 +15,7 @@ are complete: those are written, and the old ones removed, in one transaction at
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import uuid
 from collections import deque
@@ -189,8 +190,8 @@ async def _ingest(ctx: IngestionContext, doc: Document, kb: KnowledgeBase) -> in
     rows = [
         index.NewChunk(
             position=piece.position,
-            text=piece.text,
-            context="\n".join(x for x in (doc.title, *piece.heading_path) if x),
+            text=piece.text.replace("\x00", ""),  # PostgreSQL's text can't hold NUL
+            context="\n".join(x for x in (doc.title, *piece.heading_path) if x).replace("\x00", ""),
             heading_path=list(piece.heading_path),
             page=piece.page,
             token_count=piece.token_count,
@@ -245,7 +246,14 @@ async def _ingest(ctx: IngestionContext, doc: Document, kb: KnowledgeBase) -> in
                 pending = asyncio.create_task(embed(texts[following : following + size]))
             batch = rows[start : start + size]
             last = n + 1 == len(starts)
+            done = start + len(batch)
             async with ctx.db.session(write=True) as session, session.begin():
+                # The lease first: a document deleted (or taken over) meanwhile stops here,
+                # before any chunk is written for it.
+                if last:
+                    await _hold(session, ctx, doc, status=DocumentStatus.ready, chunks_done=done)
+                else:
+                    await _hold(session, ctx, doc, chunks_done=done)
                 if replacing:
                     staged.append((batch, vectors))
                     if last:
@@ -256,11 +264,6 @@ async def _ingest(ctx: IngestionContext, doc: Document, kb: KnowledgeBase) -> in
                             )
                 else:
                     await index.write_chunks(session, kb, doc.id, batch, vectors)
-                done = start + len(batch)
-                if last:
-                    await _hold(session, ctx, doc, status=DocumentStatus.ready, chunks_done=done)
-                else:
-                    await _hold(session, ctx, doc, chunks_done=done)
     finally:
         if not pending.done():
             pending.cancel()
@@ -399,7 +402,12 @@ class IngestionExecutor:
         while self._waiting and len(self._running) < self._max:
             document_id = self._waiting.popleft()
             self._queued.discard(document_id)
-            task = asyncio.create_task(self._execute(document_id), name=f"ingest-{document_id}")
+            # A context of its own: not the submitting request's (its request id, in logs).
+            task = asyncio.create_task(
+                self._execute(document_id),
+                name=f"ingest-{document_id}",
+                context=contextvars.Context(),
+            )
             self._running[document_id] = task
 
     async def _execute(self, document_id: uuid.UUID) -> None:
