@@ -64,10 +64,13 @@ class DocumentRepository(WorkspaceRepository[Document]):
             where.append(Document.status == status)
         return await self.page(params, *where)
 
-    async def in_kb_or_404(self, kb_id: uuid.UUID, document_id: uuid.UUID) -> Document:
-        row: Document | None = await self.session.scalar(
-            self.select().where(Document.id == document_id, Document.knowledge_base_id == kb_id)
-        )
+    async def in_kb_or_404(
+        self, kb_id: uuid.UUID, document_id: uuid.UUID, *, lock: bool = False
+    ) -> Document:
+        """The document; `lock` holds its row until the transaction ends (PostgreSQL), so an
+        ingestion's batch in flight commits before, or finds the document gone after."""
+        stmt = self.select().where(Document.id == document_id, Document.knowledge_base_id == kb_id)
+        row: Document | None = await self.session.scalar(stmt.with_for_update() if lock else stmt)
         if row is None:
             raise NotFound(f"No document with id {document_id} in this knowledge base.")
         return row

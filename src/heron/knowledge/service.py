@@ -6,6 +6,7 @@ transaction commits (`after_commit`). Services flush, never commit.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
@@ -305,7 +306,7 @@ async def delete_document(
 ) -> None:
     kb = await KnowledgeBaseRepository(session, workspace_id).get_or_404(kb_id)
     repo = DocumentRepository(session, workspace_id)
-    doc = await repo.in_kb_or_404(kb_id, document_id)
+    doc = await repo.in_kb_or_404(kb_id, document_id, lock=True)
     await index.remove_chunks(session, kb.id, doc.id)
     await repo.delete(doc)
 
@@ -363,10 +364,19 @@ async def search(
     depth = request.top_k if request.mode != "hybrid" else max(50, request.top_k * 5)
     keyword: list[index.Hit] = []
     vector: list[index.Hit] = []
-    if request.mode in ("hybrid", "keyword"):
-        keyword = await index.keyword_search(session, kbs, request.query, depth, allowed)
+    queries: list[tuple[list[KnowledgeBase], asyncio.Task[np.ndarray]]] = []
     if request.mode in ("hybrid", "vector"):
-        vector = await _vector_hits(session, kbs, request.query, depth, allowed, embedder_for)
+        # The query embeds (in the model's thread) while the keyword search runs.
+        queries = await _embed_query(session, kbs, request.query, embedder_for)
+    try:
+        if request.mode in ("hybrid", "keyword"):
+            keyword = await index.keyword_search(session, kbs, request.query, depth, allowed)
+        for group, embedding in queries:
+            vector += await index.vector_search(session, group, await embedding, depth, allowed)
+    finally:
+        for _, embedding in queries:
+            embedding.cancel()
+    vector = sorted(vector, key=lambda h: h.score, reverse=True)[:depth]
     if request.mode == "keyword":
         ranked = [(h.chunk_id, h.score) for h in keyword]
     elif request.mode == "vector":
@@ -405,27 +415,22 @@ def reciprocal_rank_fusion(lists: Sequence[Sequence[index.Hit]]) -> list[tuple[i
     return sorted(scores.items(), key=lambda item: item[1], reverse=True)
 
 
-async def _vector_hits(
+async def _embed_query(
     session: AsyncSession,
     kbs: Sequence[KnowledgeBase],
     query: str,
-    depth: int,
-    allowed: set[uuid.UUID] | None,
     embedder_for: EmbedderFactory,
-) -> list[index.Hit]:
-    """Knowledge bases grouped by embedding model: the query is embedded once per model."""
+) -> list[tuple[list[KnowledgeBase], asyncio.Task[np.ndarray]]]:
+    """The query's embedding, started once per embedding model of the knowledge bases."""
     groups: dict[tuple[str, int], list[KnowledgeBase]] = {}
     for kb in kbs:
-        groups.setdefault((kb.embedding_model, kb.embedding_dimensions), []).append(kb)
-    hits: list[index.Hit] = []
+        if kb.chunk_count > 0:
+            groups.setdefault((kb.embedding_model, kb.embedding_dimensions), []).append(kb)
+    started = []
     for group in groups.values():
-        if all(kb.chunk_count == 0 for kb in group):
-            continue
         embedder = await embedder_for(session, group[0])
-        vector: np.ndarray = await embedder.embed_query(query)
-        hits += await index.vector_search(session, group, vector, depth, allowed)
-    hits.sort(key=lambda h: h.score, reverse=True)
-    return hits[:depth]
+        started.append((group, asyncio.create_task(embedder.embed_query(query))))
+    return started
 
 
 # Agents ------------------------------------------------------------------------------------------
