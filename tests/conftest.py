@@ -312,8 +312,14 @@ class _TestServer(uvicorn.Server):
 
 
 @contextlib.asynccontextmanager
-async def serve(app: FastAPI) -> AsyncIterator[str]:
-    """Run `app` on a real loopback port inside the test's event loop; yield its base URL."""
+async def serve(app: FastAPI, *, with_worker: bool = True) -> AsyncIterator[str]:
+    """Run `app` on a real loopback port inside the test's event loop; yield its base URL.
+    In the scale-out configuration a worker runs beside it (unless `with_worker` is False)."""
+    settings: Settings | None = getattr(app.state, "settings", None)
+    if with_worker and settings is not None:
+        async with worker(settings), serve(app, with_worker=False) as url:
+            yield url
+        return
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on")
@@ -330,6 +336,23 @@ async def serve(app: FastAPI) -> AsyncIterator[str]:
         server.should_exit = True
         await task
         sock.close()
+
+
+@contextlib.asynccontextmanager
+async def worker(settings: Settings) -> AsyncIterator[None]:
+    """In the scale-out configuration, a whole `heron worker` (Celery consumer and run
+    executor) in threads of the test process, taking jobs from the test's Redis."""
+    if not settings.uses_workers:
+        yield
+        return
+    from heron.jobs.worker import running_worker
+
+    context = running_worker(settings, concurrency=16)
+    await asyncio.to_thread(context.__enter__)
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(context.__exit__, None, None, None)
 
 
 @pytest.fixture

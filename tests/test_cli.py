@@ -129,14 +129,15 @@ class Heron:
         assert result.returncode == 0, f"heron {' '.join(args)}: {result.stderr}"
         return result.stdout
 
-    def start(self, env: dict[str, str] | None = None) -> Server:
+    def start(self, env: dict[str, str] | None = None, *, command: str = "serve") -> Server:
+        """`heron serve` (or `heron worker`) in the background, on a port of its own."""
         self.count += 1
         port = free_port()
-        out = self.tmp / f"serve-{self.count}.out"
-        err = self.tmp / f"serve-{self.count}.err"
+        out = self.tmp / f"{command}-{self.count}.out"
+        err = self.tmp / f"{command}-{self.count}.err"
         with out.open("wb") as o, err.open("wb") as e:
             proc = subprocess.Popen(
-                [*HERON, "serve"],
+                [*HERON, command],
                 stdin=subprocess.DEVNULL,
                 stdout=o,
                 stderr=e,
@@ -301,6 +302,20 @@ BAD_SETTINGS: dict[str, tuple[dict[str, str], list[str], str | None, str]] = {
         "HERON_DATABASE_URL",
     ),
     "option-port-range": ({}, ["serve", "--port", "99999"], None, "--port"),
+    "worker-without-redis": ({}, ["worker"], None, "HERON_REDIS_URL"),
+    "worker-on-sqlite": (
+        {"HERON_REDIS_URL": "redis://127.0.0.1:6379/15"},
+        ["worker"],
+        None,
+        "HERON_RUNS_QUEUE",
+    ),
+    "celery-queue-without-redis": ({"HERON_RUNS_QUEUE": "celery"}, SERVE, None, "HERON_RUNS_QUEUE"),
+    "worker-concurrency": (
+        {"HERON_REDIS_URL": "redis://127.0.0.1:6379/15", "HERON_RUNS_QUEUE": "celery"},
+        ["worker", "--concurrency", "0"],
+        None,
+        "--concurrency",
+    ),
     "unknown-role": ({}, ["keys", "create", "--name", "x", "--role", "king"], None, "'king'"),
     "short-password": (
         {},

@@ -20,7 +20,8 @@ async def test_healthz_and_readyz(client: httpx.AsyncClient, scale_out: str | No
 async def test_readyz_names_what_failed(tmp_path, database_url) -> None:  # type: ignore[no-untyped-def]
     # Nothing listens on port 1: Redis is configured but unreachable.
     app = create_app(make_settings(tmp_path, database_url, "redis://127.0.0.1:1/0"))
-    async with serve(app) as url, httpx.AsyncClient(base_url=url) as client:
+    # (No worker: one can't take jobs from a Redis that isn't there.)
+    async with serve(app, with_worker=False) as url, httpx.AsyncClient(base_url=url) as client:
         response = await client.get("/readyz")
         assert response.status_code == 503
         assert response.headers["content-type"] == "application/problem+json"

@@ -47,7 +47,11 @@ async def test_limits_hold_across_api_replicas(tmp_path, database_url, redis_url
         tmp_path, database_url, redis_url, api_burst=6, api_rate_per_second=0.1
     )
     one, two = create_app(settings), create_app(settings)
-    async with serve(one) as url_one, serve(two) as url_two, httpx.AsyncClient() as client:
+    async with (
+        serve(one) as url_one,
+        serve(two, with_worker=False) as url_two,
+        httpx.AsyncClient() as client,
+    ):
         alice = await make_tenant(one.state.db, "Alice", password=None)
         statuses = []
         for i in range(8):

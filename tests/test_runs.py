@@ -710,7 +710,7 @@ async def test_another_api_process_streams_a_run_step_by_step(
     )
     async with (
         serve(one) as url_one,
-        serve(two) as url_two,
+        serve(two, with_worker=False) as url_two,
         httpx.AsyncClient(timeout=30) as client,
     ):
         alice = await make_tenant(one.state.db, "Alice", password=None)
@@ -808,7 +808,7 @@ async def test_a_cancel_sent_to_another_api_process_stops_the_run(
     settings = make_settings(tmp_path, database_url, scale_out)
     one, two = create_app(settings), create_app(settings)
     fake.push(Reply(text="word " * 400, chunk_size=5, chunk_delay=0.05))
-    async with serve(one) as url_one, serve(two) as url_two:
+    async with serve(one) as url_one, serve(two, with_worker=False) as url_two:
         alice = await make_tenant(one.state.db, "Alice", password=None)
         async with httpx.AsyncClient(base_url=url_one, timeout=30) as c1:
             await make_agent(c1, alice, url)

@@ -25,12 +25,14 @@ from heron.db.engine import Database
 from heron.files.router import router as files_router
 from heron.files.router import upload_route_limit
 from heron.files.storage import BlobStore, open_blob_store
+from heron.jobs.queue import CeleryQueue
 from heron.knowledge import index as knowledge_index
 from heron.knowledge.ingestion import IngestionContext, IngestionExecutor
 from heron.knowledge.router import router as knowledge_router
 from heron.ops.router import router as ops_router
 from heron.providers.router import router as providers_router
-from heron.runs.events import MemoryEventLog
+from heron.runs.dispatch import WorkerRuns
+from heron.runs.events import EventLog, MemoryEventLog, RedisEventLog
 from heron.runs.executor import RunContext, RunExecutor, owner_id
 from heron.runs.router import router as runs_router
 from heron.settings import Settings, SettingsError, load_settings
@@ -86,20 +88,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.blobs = blobs
         app.state.redis = redis
         app.state.rate_limiter = limiter
-        executor = RunExecutor(
-            RunContext(
-                db,
-                MemoryEventLog(),
-                app.state.secret_box,
-                owner=owner_id(),
-                run_timeout=settings.runs.timeout_seconds,
-            ),
-            max_concurrency=settings.runs.max_concurrency,
-            per_workspace=settings.runs.per_workspace_concurrency,
-        )
-        app.state.executor = executor
-        recovered = await executor.recover()
-        executor.start()
+        events: EventLog = RedisEventLog(redis) if redis else MemoryEventLog()
+        executor: RunExecutor | None = None
+        queue: CeleryQueue | None = None
+        if settings.uses_workers:
+            assert redis is not None
+            assert settings.redis.url
+            queue = CeleryQueue(settings.redis.url)
+            app.state.runs = WorkerRuns(queue, redis, events)
+            recovered = 0
+        else:
+            executor = RunExecutor(
+                RunContext(
+                    db,
+                    events,
+                    app.state.secret_box,
+                    owner=owner_id(),
+                    run_timeout=settings.runs.timeout_seconds,
+                ),
+                max_concurrency=settings.runs.max_concurrency,
+                per_workspace=settings.runs.per_workspace_concurrency,
+            )
+            app.state.runs = executor
+            recovered = await executor.recover()
+            executor.start()
+        # Ingestion runs in the API processes in both modes for now (each one's sweeper takes up
+        # documents nobody ingests); the scale-out mode may later route it through Celery.
         knowledge_index.matrices.max_bytes = settings.knowledge.vector_cache_bytes
         ingestion = IngestionExecutor(
             IngestionContext.create(db, settings, app.state.secret_box, blobs),
@@ -112,13 +126,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "started",
             database=db.url.get_backend_name(),
             redis=redis is not None,
+            runs="workers" if settings.uses_workers else "in process",
             runs_recovered=recovered,
         )
         try:
             yield
         finally:
             await ingestion.close()
-            await executor.close()
+            if executor is not None:
+                await executor.close()
+            if queue is not None:
+                queue.close()
             await blobs.close()
             await limiter.close()
             if redis is not None:

@@ -180,6 +180,43 @@ def serve(
     )
 
 
+@app.command()
+def worker(
+    concurrency: Annotated[
+        int | None, typer.Option(help="Runs executed at once (HERON_RUNS_WORKER_CONCURRENCY).")
+    ] = None,
+) -> None:
+    """Execute runs for the API replicas (scale-out: needs HERON_REDIS_URL)."""
+    from heron.core.logging import configure_logging
+
+    settings = _settings()
+    configure_logging(settings.server.log_level, settings.server.log_format)
+    if not settings.redis.url:
+        fail("HERON_REDIS_URL: a worker takes its jobs from Redis; set it", 2)
+    if not settings.uses_workers:
+        fail(
+            "HERON_RUNS_QUEUE: the API executes runs itself with this configuration "
+            "(SQLite, or HERON_RUNS_QUEUE=local); set HERON_RUNS_QUEUE=celery to use workers",
+            2,
+        )
+    if concurrency is not None and not 1 <= concurrency <= 1000:
+        fail("--concurrency: expected 1 to 1000", 2)
+
+    from heron.app import SchemaOutdated, resolve_secret_key
+    from heron.jobs.worker import run_worker
+    from heron.settings import SettingsError
+
+    try:
+        resolve_secret_key(settings)
+    except SettingsError as exc:
+        fail(str(exc), 2)
+    typer.echo(f"Heron {__version__} worker: executing runs from {settings.redis.url}", err=True)
+    try:
+        run_worker(settings, concurrency=concurrency)
+    except SchemaOutdated as exc:
+        fail(str(exc), 1)
+
+
 def _exit_cleanly(signum: int, frame: object) -> None:
     raise SystemExit(0)
 

@@ -253,6 +253,16 @@ class RunsSettings(BaseSettings):
     keepalive_seconds: Annotated[float, Field(gt=0, le=300)] = Field(
         15.0, description="An event stream with nothing to say sends a comment this often."
     )
+    queue: Literal["auto", "local", "celery"] = Field(
+        "auto",
+        description=(
+            "Where runs execute: `local` in the API process, `celery` on `heron worker` "
+            "processes (Redis broker). `auto`: `celery` with PostgreSQL and Redis, else `local`."
+        ),
+    )
+    worker_concurrency: Annotated[int, Field(ge=1, le=1_000)] = Field(
+        50, description="Runs one `heron worker` process executes at once, on one event loop."
+    )
 
 
 class KnowledgeSettings(BaseSettings):
@@ -327,6 +337,13 @@ class Settings(BaseSettings):
         return self.database_url.startswith("sqlite")
 
     @property
+    def uses_workers(self) -> bool:
+        """Whether runs and ingestion execute on `heron worker` processes (Celery)."""
+        if self.runs.queue == "auto":
+            return bool(self.redis.url) and not self.is_sqlite
+        return self.runs.queue == "celery"
+
+    @property
     def storage_dir(self) -> Path | None:
         """The directory of the local blob store; None when files go to S3."""
         if self.storage.url is None:
@@ -351,9 +368,12 @@ def load_settings(**overrides: Any) -> Settings:
         except ValidationError as exc:
             raise _settings_error(cls, exc) from None
     try:
-        return Settings(**groups, **overrides)
+        settings = Settings(**groups, **overrides)
     except ValidationError as exc:
         raise _settings_error(Settings, exc) from None
+    if settings.runs.queue == "celery" and not settings.redis.url:
+        raise SettingsError("HERON_RUNS_QUEUE", "`celery` needs HERON_REDIS_URL (its broker)")
+    return settings
 
 
 def _settings_error(cls: type[BaseSettings], exc: ValidationError) -> SettingsError:

@@ -9,11 +9,15 @@ interface.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 TERMINAL = frozenset({"run.completed", "run.failed", "run.cancelled"})
 # A paused run ends its stream too; resuming it starts a new stream segment.
@@ -32,6 +36,9 @@ class Event:
 
 
 class EventLog(Protocol):
+    # Whether every process of the deployment sees the same log (Redis), or only this one.
+    shared: bool
+
     async def append(self, run_id: uuid.UUID, seq: int, type: str, data: dict[str, Any]) -> Event:
         """Record event `seq` of a run (the executor numbers events) and wake its followers."""
         ...
@@ -55,6 +62,8 @@ class _RunLog:
 class MemoryEventLog:
     """Per-run lists in this process. Ended runs are forgotten after `retain_seconds`; their
     history stays in the database."""
+
+    shared = False
 
     def __init__(self, retain_seconds: float = 300.0) -> None:
         self._runs: dict[uuid.UUID, _RunLog] = {}
@@ -103,3 +112,96 @@ class MemoryEventLog:
         ]
         for run_id in stale:
             del self._runs[run_id]
+
+
+BLOCK_SECONDS = 2.0
+
+
+class RedisEventLog:
+    """One Redis Stream per run, whose entry ids are the events' own ids (`0-<seq>`): any API
+    replica reads any run's events after an id, and follows them with a blocking XREAD.
+
+    Streams expire a while after their last event (their history stays in the database) and
+    are capped in length, so an endless run can't fill Redis.
+    """
+
+    shared = True
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        retain_seconds: int = 3600,
+        max_events: int = 200_000,
+        prefix: str = "heron:run-events:",
+    ) -> None:
+        self._redis = redis
+        self._retain = retain_seconds
+        self._max = max_events
+        self._prefix = prefix
+
+    def _key(self, run_id: uuid.UUID) -> str:
+        return f"{self._prefix}{run_id}"
+
+    async def append(self, run_id: uuid.UUID, seq: int, type: str, data: dict[str, Any]) -> Event:
+        key = self._key(run_id)
+        payload = json.dumps(data, separators=(",", ":"), default=str)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.xadd(
+                key,
+                {"t": type, "d": payload},
+                id=f"0-{seq}",
+                maxlen=self._max,
+                approximate=True,
+            )
+            pipe.expire(key, self._retain)
+            results = await pipe.execute(raise_on_error=False)
+        error = results[0]
+        # An id at or below the stream's last one: the event is there already (a retried
+        # append); anything else is a real failure.
+        if isinstance(error, ResponseError) and "equal or smaller" not in str(error):
+            raise error
+        return Event(seq, type, data)
+
+    async def after(self, run_id: uuid.UUID, seq: int) -> list[Event] | None:
+        key = self._key(run_id)
+        first: Any = await self._redis.xrange(key, "-", "+", count=1)
+        if not first or _seq(first[0][0]) > seq + 1:
+            return None
+        entries: Any = await self._redis.xrange(key, f"(0-{seq}", "+")
+        return [_event(entry) for entry in entries]
+
+    async def follow(
+        self, run_id: uuid.UUID, after: int, *, idle: float
+    ) -> AsyncIterator[Event | None]:
+        key = self._key(run_id)
+        last = f"0-{after}"
+        # Blocking reads stay well inside the client's socket timeout (5 s by default).
+        block = min(idle, BLOCK_SECONDS)
+        quiet = 0.0
+        while True:
+            answer: Any = await self._redis.xread({key: last}, count=500, block=int(block * 1000))
+            if not answer:
+                quiet += block
+                if quiet >= idle:
+                    quiet = 0.0
+                    yield None
+                continue
+            quiet = 0.0
+            for entry in answer[0][1]:
+                last = entry[0]
+                yield _event(entry)
+
+
+def _seq(entry_id: bytes | str) -> int:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return int(text.partition("-")[2])
+
+
+def _event(entry: Any) -> Event:
+    entry_id, fields = entry
+    values = {(k.decode() if isinstance(k, bytes) else k): v for k, v in fields.items()}
+    kind = values["t"]
+    return Event(
+        _seq(entry_id), kind.decode() if isinstance(kind, bytes) else kind, json.loads(values["d"])
+    )

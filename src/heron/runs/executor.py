@@ -722,12 +722,35 @@ class RunExecutor:
         self._closed = False
         self._sweeper: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._waiters: dict[uuid.UUID, list[asyncio.Future[None]]] = {}
+        self._queued_grace: timedelta | None = None
+
+    @property
+    def events(self) -> EventLog:
+        return self.ctx.events
 
     def submit(self, run_id: uuid.UUID, workspace_id: uuid.UUID) -> None:
         if self._closed or run_id in self._running or (run_id, workspace_id) in self._waiting:
             return
         self._waiting.append((run_id, workspace_id))
         self._pump()
+
+    async def execute(self, run_id: uuid.UUID, workspace_id: uuid.UUID) -> None:
+        """Submit the run and wait until this process is done with it (it ended, paused, was
+        not claimable, or the process is stopping): how a worker's job slot holds a run."""
+        if self._closed:
+            return
+        done = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(run_id, []).append(done)
+        self.submit(run_id, workspace_id)
+        if not self.is_local(run_id):  # refused (closing): nothing will resolve the waiter
+            self._release(run_id)
+        await done
+
+    def _release(self, run_id: uuid.UUID) -> None:
+        for waiter in self._waiters.pop(run_id, []):
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def announce(self, run_id: uuid.UUID, seq: int, type: str, data: dict[str, Any]) -> None:
         """Publish an event recorded outside an execution (a cancelled queued run) live."""
@@ -768,6 +791,7 @@ class RunExecutor:
             log.exception("run_crashed", run_id=str(run_id))
         finally:
             self._running.pop(run_id, None)
+            self._release(run_id)
             if not self._closed:
                 self._pump()
 
@@ -788,9 +812,13 @@ class RunExecutor:
             if nxt is not None:
                 self.submit(nxt.id, nxt.workspace_id)
 
-    def start(self, sweep_seconds: float = 2.0) -> None:
+    def start(self, sweep_seconds: float = 2.0, *, queued_grace: timedelta | None = None) -> None:
         """Begin looking, every `sweep_seconds`, for runs nobody is executing: queued ones and
-        running ones whose executor's lease lapsed (its process died)."""
+        running ones whose executor's lease lapsed (its process died).
+
+        `queued_grace`: leave queued runs alone until they have waited this long (workers: the
+        job queue delivers them; the sweep only catches a job that was lost)."""
+        self._queued_grace = queued_grace
         self._sweeper = asyncio.create_task(self._sweep(sweep_seconds), name="run-sweeper")
         self._watcher = asyncio.create_task(self._watch_cancels(), name="cancel-watcher")
 
@@ -828,16 +856,26 @@ class RunExecutor:
     async def recover(self, *, stale_only: bool = False) -> int:
         """Take up runs that were queued or running when the process stopped."""
         now = utcnow()
-        stmt = select(Run.id, Run.workspace_id, Run.status, Run.lease_owner, Run.lease_expires_at)
+        stmt = select(
+            Run.id,
+            Run.workspace_id,
+            Run.status,
+            Run.lease_owner,
+            Run.lease_expires_at,
+            Run.updated_at,
+        )
         stmt = stmt.where(Run.status.in_([RunStatus.queued, RunStatus.running])).order_by(Run.id)
         async with self.ctx.db.session(write=False) as session:
             rows = (await session.execute(stmt)).all()
         taken = 0
-        for run_id, workspace_id, status, owner, expires in rows:
+        grace = self._queued_grace
+        for run_id, workspace_id, status, owner, expires, updated in rows:
             if self.is_local(run_id):
                 continue
             lapsed = expires is None or expires < now or _owner_is_gone(owner)
             if status == RunStatus.running and stale_only and not lapsed:
+                continue
+            if status == RunStatus.queued and grace is not None and updated > now - grace:
                 continue
             self.submit(run_id, workspace_id)
             taken += 1
@@ -855,6 +893,22 @@ class RunExecutor:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for run_id in list(self._waiters):
+            self._release(run_id)
+        if tasks:
+            await self._release_leases()
+
+    async def _release_leases(self) -> None:
+        """Let the runs this process stopped be taken over at once, not when the lease lapses."""
+        try:
+            async with self.ctx.db.session(write=True) as session, session.begin():
+                await session.execute(
+                    update(Run)
+                    .where(Run.lease_owner == self.ctx.owner, Run.status == RunStatus.running)
+                    .values(lease_expires_at=utcnow())
+                )
+        except (OSError, SQLAlchemyError) as exc:  # they will be taken over when leases lapse
+            log.warning("lease_release_failed", error=str(exc))
 
 
 __all__ = ["RunContext", "RunExecutor", "execute_run"]

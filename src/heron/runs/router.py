@@ -19,6 +19,7 @@ from heron.core.routing import JsonRoute
 from heron.db.engine import Database
 from heron.db.session import DbSession, commit_now
 from heron.runs import service
+from heron.runs.dispatch import Runs
 from heron.runs.events import TERMINAL, Event, EventLog
 from heron.runs.models import Run, RunStatus
 from heron.runs.schemas import ResumeRequest, RunCreate, RunOut, StepOut, UsageOut, UsageRow
@@ -125,8 +126,9 @@ async def list_messages(
 # Runs ----------------------------------------------------------------------------------------
 
 
-def _executor(request: Request) -> Any:
-    return request.app.state.executor
+def _runs(request: Request) -> Runs:
+    runs: Runs = request.app.state.runs
+    return runs
 
 
 @router.post(
@@ -139,7 +141,7 @@ def _executor(request: Request) -> Any:
 async def create_run(
     request: Request, session: DbSession, principal: Writer, thread_id: uuid.UUID, body: RunCreate
 ) -> Response:
-    run = await service.create_run(session, principal, thread_id, body, _executor(request))
+    run = await service.create_run(session, principal, thread_id, body, _runs(request))
     if body.stream:
         # The stream starts after the transaction committed and the run was queued.
         return _event_stream(request, principal.workspace_id, run.id, 0)
@@ -160,8 +162,7 @@ async def create_run_and_wait(
 ) -> RunOut:
     if body.stream:
         raise BadRequest("`stream` is not available with /runs/wait.")
-    executor = _executor(request)
-    run = await service.create_run(session, principal, thread_id, body, executor)
+    run = await service.create_run(session, principal, thread_id, body, _runs(request))
     run_id, workspace_id = run.id, run.workspace_id
     await commit_now(session)  # the run must be queued before this request waits on it
     async for event in _events(request, workspace_id, run_id, 0):
@@ -197,7 +198,7 @@ async def list_steps(session: DbSession, principal: Reader, run_id: uuid.UUID) -
 async def cancel_run(
     request: Request, session: DbSession, principal: Writer, run_id: uuid.UUID
 ) -> RunOut:
-    return run_out(await service.cancel_run(session, principal, run_id, _executor(request)))
+    return run_out(await service.cancel_run(session, principal, run_id, _runs(request)))
 
 
 @router.post(
@@ -207,7 +208,7 @@ async def resume_run(
     request: Request, session: DbSession, principal: Writer, run_id: uuid.UUID, body: ResumeRequest
 ) -> RunOut:
     return run_out(
-        await service.resume_run(session, principal, run_id, body.decisions, _executor(request))
+        await service.resume_run(session, principal, run_id, body.decisions, _runs(request))
     )
 
 
@@ -263,7 +264,8 @@ async def _events(
 ) -> AsyncIterator[Event | None]:
     """History from the database, then live events, until the run ends or pauses."""
     db: Database = request.app.state.db
-    log: EventLog = request.app.state.executor.ctx.events
+    runs = _runs(request)
+    log: EventLog = runs.events
     keepalive: float = request.app.state.settings.runs.keepalive_seconds
     last = after
     async with db.session(write=False) as session:
@@ -282,9 +284,9 @@ async def _events(
         and status_now == RunStatus.requires_action
     ):
         return
-    executor = request.app.state.executor
-    if not executor.is_local(run_id):
-        # Executed by another process: follow what it writes, step by step.
+    if not (log.shared or runs.is_local(run_id)):
+        # Executed by another process, whose live events this one can't see: follow what it
+        # writes to the database, step by step.
         async for event in _poll(request, db, workspace_id, run_id, last, keepalive):
             yield event
         return

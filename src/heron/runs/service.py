@@ -23,6 +23,7 @@ from heron.core.ids import utcnow
 from heron.core.pagination import PageParams
 from heron.db.repository import WorkspaceRepository
 from heron.db.session import after_commit
+from heron.runs.dispatch import Runs
 from heron.runs.models import Run, RunEvent, RunStatus, Step
 from heron.runs.schemas import Approval, OnActiveRun, RunCreate
 from heron.threads.models import Thread
@@ -75,7 +76,7 @@ async def create_run(
     principal: Principal,
     thread_id: uuid.UUID,
     body: RunCreate,
-    executor: Any,
+    runs: Runs,
 ) -> Run:
     thread = await ThreadRepository(session, principal.workspace_id).get_or_404(thread_id)
     agents = AgentRepository(session, principal.workspace_id)
@@ -85,12 +86,12 @@ async def create_run(
     )
     await check_references(session, principal.workspace_id, spec)
     render_instructions(spec, body.variables)  # a missing variable is a 422 now, not a failed run
-    runs = RunRepository(session, principal.workspace_id)
-    active = await runs.active_on(thread.id)
+    repo = RunRepository(session, principal.workspace_id)
+    active = await repo.active_on(thread.id)
     if active:
-        await _handle_active(session, principal, executor, active, body.on_active_run)
+        await _handle_active(session, principal, runs, active, body.on_active_run)
     text = body.input if isinstance(body.input, str) else "\n".join(p.text for p in body.input)
-    run = runs.add(
+    run = repo.add(
         Run(
             thread_id=thread.id,
             agent_id=agent.id,
@@ -103,7 +104,7 @@ async def create_run(
     )
     thread.updated_at = utcnow()
     await session.flush()
-    after_commit(session, lambda: executor.submit(run.id, run.workspace_id))
+    after_commit(session, lambda: runs.submit(run.id, run.workspace_id))
     return run
 
 
@@ -129,7 +130,7 @@ async def _pinned_spec(
 async def _handle_active(
     session: AsyncSession,
     principal: Principal,
-    executor: Any,
+    runs: Runs,
     active: Sequence[Run],
     policy: OnActiveRun,
 ) -> None:
@@ -141,7 +142,7 @@ async def _handle_active(
     if policy == "enqueue":
         return
     for run in active:
-        await cancel_run(session, principal, run.id, executor)
+        await cancel_run(session, principal, run.id, runs)
         if policy == "rollback":
             await MessageRepository(session, principal.workspace_id).delete_of_run(run.id)
             await session.delete(run)
@@ -149,7 +150,7 @@ async def _handle_active(
 
 
 async def cancel_run(
-    session: AsyncSession, principal: Principal, run_id: uuid.UUID, executor: Any
+    session: AsyncSession, principal: Principal, run_id: uuid.UUID, runs: Runs
 ) -> Run:
     run = await RunRepository(session, principal.workspace_id).get_or_404(run_id)
     if run.status.is_final:
@@ -157,7 +158,7 @@ async def cancel_run(
     run.cancel_requested_at = utcnow()
     if run.status == RunStatus.running:
         # The executing task records the cancellation itself, once its work has stopped.
-        after_commit(session, lambda: executor.cancel(run.id))
+        after_commit(session, lambda: runs.cancel(run.id))
         return run
     run.status = RunStatus.cancelled
     run.ended_at = utcnow()
@@ -174,7 +175,7 @@ async def cancel_run(
     seq = run.last_event_seq
     after_commit(
         session,
-        lambda: executor.announce(
+        lambda: runs.announce(
             run.id, seq, "run.cancelled", {"run_id": str(run.id), "status": "cancelled"}
         ),
     )
@@ -187,7 +188,7 @@ async def resume_run(
     principal: Principal,
     run_id: uuid.UUID,
     decisions: list[Approval],
-    executor: Any,
+    runs: Runs,
 ) -> Run:
     run = await RunRepository(session, principal.workspace_id).get_or_404(run_id)
     if run.status != RunStatus.requires_action:
@@ -217,7 +218,7 @@ async def resume_run(
     ]
     run.status = RunStatus.queued
     await session.flush()
-    after_commit(session, lambda: executor.submit(run.id, run.workspace_id))
+    after_commit(session, lambda: runs.submit(run.id, run.workspace_id))
     return run
 
 
