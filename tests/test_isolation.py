@@ -25,6 +25,8 @@ UNSCOPED = {
     ("POST", "/api/threads"),
     ("GET", "/api/files"),
     ("POST", "/api/files"),
+    ("GET", "/api/knowledge-bases"),
+    ("POST", "/api/knowledge-bases"),
     ("GET", "/api/usage"),
     ("GET", "/api/me"),
     ("POST", "/api/auth/login"),
@@ -78,6 +80,16 @@ async def test_every_endpoint_hides_another_workspaces_resources(
             headers=alice.headers,
         )
     ).json()
+    alice_kb = (
+        await client.post("/api/knowledge-bases", json={"name": "alices-kb"}, headers=alice.headers)
+    ).json()
+    alice_document = (
+        await client.post(
+            f"/api/knowledge-bases/{alice_kb['id']}/documents",
+            json={"text": "Alice's secret recipe", "title": "recipe"},
+            headers=alice.headers,
+        )
+    ).json()
     ids = {
         "thread_id": alice_thread["id"],
         "run_id": alice_run["id"],
@@ -90,6 +102,8 @@ async def test_every_endpoint_hides_another_workspaces_resources(
         "key_id": alice_key["id"],
         "provider_id": alice_provider["id"],
         "file_id": alice_file["id"],
+        "kb_id": alice_kb["id"],
+        "document_id": alice_document["id"],
     }
     bodies = {"PATCH": {"name": "stolen", "role": "viewer"}}
 
@@ -115,6 +129,14 @@ async def test_every_endpoint_hides_another_workspaces_resources(
         body = bodies.get(method)
         if template.endswith(("/runs", "/runs/wait")):
             body = {"agent": "alices-agent", "input": "steal"}
+        elif template.endswith("/search"):
+            body = {"query": "recipe", "knowledge_bases": [alice_kb["id"]]}
+            if "{kb_id}" in template:
+                del body["knowledge_bases"]
+        elif template.endswith("/documents"):
+            body = {"text": "stolen"}
+        elif template.endswith("/documents/batch"):
+            body = {"documents": [{"text": "stolen"}]}
         elif template.endswith("/resume"):
             body = {"decisions": [{"tool_call_id": "x", "approve": True}]}
         elif method == "PATCH" and "/members/" in template:
@@ -151,6 +173,7 @@ async def test_every_endpoint_hides_another_workspaces_resources(
         "/api/agents",
         "/api/threads",
         "/api/files",
+        "/api/knowledge-bases",
         "/api/usage?group_by=agent",
     ):
         text = (await client.get(path, headers=bob.headers)).text
@@ -161,6 +184,7 @@ async def test_every_endpoint_hides_another_workspaces_resources(
         assert alice_agent["id"] not in text
         assert alice_thread["id"] not in text
         assert alice_file["id"] not in text
+        assert alice_kb["id"] not in text
         assert "alices-agent" not in text
         assert alice.email not in text
 
@@ -183,6 +207,12 @@ async def test_every_endpoint_hides_another_workspaces_resources(
     assert agent["archived_at"] is None
     run = (await client.get(f"/api/runs/{alice_run['id']}", headers=alice.headers)).json()
     assert run["status"] == "cancelled"
+    kb_docs = await client.get(
+        f"/api/knowledge-bases/{alice_kb['id']}/documents", headers=alice.headers
+    )
+    assert [d["title"] for d in kb_docs.json()["items"]] == ["recipe"]
+    kb = (await client.get(f"/api/knowledge-bases/{alice_kb['id']}", headers=alice.headers)).json()
+    assert kb["name"] == "alices-kb"
     content = await client.get(f"/api/files/{alice_file['id']}/content", headers=alice.headers)
     assert content.content == b"alice's notes\n"
     messages = await client.get(

@@ -22,7 +22,10 @@ def _diff(url: str) -> list[object]:
             async with engine.connect() as conn:
 
                 def compare(sync: Connection) -> list[object]:
-                    return list(compare_metadata(MigrationContext.configure(sync), Base.metadata))
+                    context = MigrationContext.configure(
+                        sync, opts={"include_name": migrate.include_name}
+                    )
+                    return list(compare_metadata(context, Base.metadata))
 
                 return await conn.run_sync(compare)
         finally:

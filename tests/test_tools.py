@@ -63,7 +63,7 @@ async def call(name: str, arguments: dict[str, object], ctx: ToolContext | None 
 
 def test_the_built_in_tools_are_registered_with_valid_json_schemas() -> None:
     registry = default_registry()
-    assert registry.names() == ["calculator", "current_time", "http_fetch"]
+    assert registry.names() == ["calculator", "current_time", "http_fetch", "search_knowledge"]
     listed = registry.describe()
     assert [d.name for d in listed] == registry.names()
     for described in listed:
@@ -87,7 +87,10 @@ def test_unknown_tool_names_are_clear_errors_listing_the_known_ones() -> None:
     with pytest.raises(ToolNotFound) as not_found:
         registry.get("web_search")
     assert not_found.value.status == 404
-    assert "known tools: calculator, current_time, http_fetch" in not_found.value.detail
+    assert (
+        "known tools: calculator, current_time, http_fetch, search_knowledge"
+        in not_found.value.detail
+    )
 
     assert registry.validate_names(["http_fetch", "calculator", "http_fetch"]) == [
         "http_fetch",
@@ -97,7 +100,8 @@ def test_unknown_tool_names_are_clear_errors_listing_the_known_ones() -> None:
         registry.validate_names(["calculator", "shell", "python"])
     assert unknown.value.status == 422
     assert unknown.value.detail == (
-        "Unknown tools 'shell', 'python'; known tools: calculator, current_time, http_fetch"
+        "Unknown tools 'shell', 'python'; "
+        "known tools: calculator, current_time, http_fetch, search_knowledge"
     )
 
 

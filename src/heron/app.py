@@ -26,6 +26,9 @@ from heron.files.router import router as files_router
 from heron.files.router import upload_route_limit
 from heron.files.storage import BlobStore, open_blob_store
 from heron.jobs.queue import CeleryQueue
+from heron.knowledge import index as knowledge_index
+from heron.knowledge.ingestion import IngestionContext, IngestionExecutor, WorkerIngestion
+from heron.knowledge.router import router as knowledge_router
 from heron.ops.router import router as ops_router
 from heron.providers.router import router as providers_router
 from heron.runs.dispatch import WorkerRuns
@@ -110,6 +113,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.runs = executor
             recovered = await executor.recover()
             executor.start()
+        knowledge_index.matrices.max_bytes = settings.knowledge.vector_cache_bytes
+        ingestion_ctx = IngestionContext.create(db, settings, app.state.secret_box, blobs)
+        ingestion: IngestionExecutor | None = None
+        if queue is not None:  # ingestion goes to the workers too
+            app.state.ingestion = WorkerIngestion(ingestion_ctx, queue)
+        else:
+            ingestion = IngestionExecutor(
+                ingestion_ctx, max_concurrency=settings.knowledge.ingest_concurrency
+            )
+            app.state.ingestion = ingestion
+            await ingestion.recover()
+            ingestion.start()
         log.info(
             "started",
             database=db.url.get_backend_name(),
@@ -120,6 +135,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            if ingestion is not None:
+                await ingestion.close()
             if executor is not None:
                 await executor.close()
             if queue is not None:
@@ -157,6 +174,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(providers_router)
     app.include_router(agents_router)
     app.include_router(runs_router)
+    app.include_router(knowledge_router)
     app.include_router(files_router)
 
     def openapi() -> dict[str, Any]:

@@ -16,6 +16,7 @@ import typer
 
 from heron import __version__
 from heron.agents.cli import app as agents_app
+from heron.knowledge.cli import app as kb_app
 from heron.providers.cli import app as providers_app
 from heron.runs.cli import chat as chat_command
 from heron.runs.cli import run as run_command
@@ -47,6 +48,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(secrets_app, name="secrets")
 app.add_typer(agents_app, name="agents")
 app.add_typer(providers_app, name="providers")
+app.add_typer(kb_app, name="kb")
 app.command("run")(run_command)
 app.command("chat")(chat_command)
 

@@ -269,6 +269,36 @@ class RunsSettings(BaseSettings):
     )
 
 
+class KnowledgeSettings(BaseSettings):
+    """Knowledge bases: ingestion of documents and search."""
+
+    model_config = _config("HERON_KNOWLEDGE_")
+
+    ingest_concurrency: Annotated[int, Field(ge=1, le=256)] = Field(
+        4, description="Documents ingested at once in one process (more wait, queued)."
+    )
+    embed_batch_size: Annotated[int, Field(ge=1, le=4096)] = Field(
+        64, description="Chunks embedded and written per batch (progress moves per batch)."
+    )
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = Field(
+        3,
+        description="Ingestions of a document that may be interrupted (its worker died) "
+        "before it fails.",
+    )
+    max_fetch_bytes: Annotated[int, Field(ge=1024)] = Field(
+        64 * 1024 * 1024,
+        description="A document added by URL is read up to this many bytes; the rest is cut.",
+    )
+    fetch_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = Field(
+        120.0, description="The longest fetching a document's URL may take."
+    )
+    vector_cache_bytes: Annotated[int, Field(ge=0)] = Field(
+        1024 * 1024 * 1024,
+        description="SQLite: memory for the embedding matrices of knowledge bases kept "
+        "between searches in one process (least recently used dropped first).",
+    )
+
+
 class Settings(BaseSettings):
     """All of Heron's settings."""
 
@@ -281,6 +311,7 @@ class Settings(BaseSettings):
         "auth": AuthSettings,
         "limits": LimitsSettings,
         "runs": RunsSettings,
+        "knowledge": KnowledgeSettings,
     }
 
     home: Path = Field(
@@ -294,6 +325,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     runs: RunsSettings = Field(default_factory=RunsSettings)
+    knowledge: KnowledgeSettings = Field(default_factory=KnowledgeSettings)
 
     @field_validator("home")
     @classmethod

@@ -25,6 +25,11 @@ Endpoints:
   `finish_reason`, and a last chunk with `usage` and no choices when the request asked for
   `stream_options.include_usage`.
 
+- `POST /v1/embeddings`: `{"object": "list", "data": [{"object": "embedding", "index": i,
+  "embedding": [...]}], "model", "usage"}`, one vector per input, `embedding_vector(text, n)`:
+  deterministic, not normalised, `n` = the request's `dimensions` or `fake.embedding_dimensions`.
+  `fake.push_embeddings(Reply.failure(...))` fails the next embedding requests instead.
+
 Failures: with `api_key` set, a request without `Authorization: Bearer <api_key>` gets OpenAI's
 401 `invalid_api_key` error; a chat completion for a model not in `models` gets its 404
 `model_not_found` (unless `strict_models=False`); `Reply.failure(status, ...)` answers any status
@@ -40,6 +45,7 @@ or the client went away first (`disconnected`).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import inspect
 import itertools
 import json
@@ -164,6 +170,8 @@ class FakeOpenAI:
         self.handler: Handler | None = None
         self.default = Reply(text="ok")
         self.models_failure: Reply | None = None
+        self.embedding_dimensions = 8
+        self.embedding_failures: deque[Reply] = deque()
         self.requests: list[RecordedRequest] = []
         self.app = self._make_app()
 
@@ -171,9 +179,17 @@ class FakeOpenAI:
         """Answer the next chat completions with these, in order."""
         self.replies.extend(replies)
 
+    def push_embeddings(self, *failures: Reply) -> None:
+        """Answer the next embedding requests with these failures, in order."""
+        self.embedding_failures.extend(failures)
+
     @property
     def chat_requests(self) -> list[RecordedRequest]:
         return [r for r in self.requests if r.path == "/v1/chat/completions"]
+
+    @property
+    def embedding_requests(self) -> list[RecordedRequest]:
+        return [r for r in self.requests if r.path == "/v1/embeddings"]
 
     @asynccontextmanager
     async def serve(self) -> AsyncIterator[str]:
@@ -187,6 +203,7 @@ class FakeOpenAI:
         app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
         app.add_api_route("/v1/models", self._models, methods=["GET"])
         app.add_api_route("/v1/chat/completions", self._chat, methods=["POST"])
+        app.add_api_route("/v1/embeddings", self._embeddings, methods=["POST"])
         return app
 
     async def _record(self, request: Request) -> RecordedRequest:
@@ -267,6 +284,39 @@ class FakeOpenAI:
             )
         return JSONResponse(_completion(reply, model), headers=reply.headers)
 
+    async def _embeddings(self, request: Request) -> Response:
+        recorded = await self._record(request)
+        if (denied := self._unauthorized(recorded)) is not None:
+            return denied
+        model = recorded.model or ""
+        if self.strict_models and model not in self.models:
+            return _error(
+                Reply.failure(
+                    404,
+                    f"The model `{model}` does not exist or you do not have access to it.",
+                    type="invalid_request_error",
+                    code="model_not_found",
+                )
+            )
+        if self.embedding_failures:
+            failure = self.embedding_failures.popleft()
+            await asyncio.sleep(failure.first_byte_delay)
+            return _error(failure)
+        inputs = recorded.body.get("input")
+        texts = [inputs] if isinstance(inputs, str) else list(inputs or [])
+        size = int(recorded.body.get("dimensions") or self.embedding_dimensions)
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {"object": "embedding", "index": i, "embedding": embedding_vector(text, size)}
+                    for i, text in enumerate(texts)
+                ],
+                "model": model,
+                "usage": {"prompt_tokens": len(texts), "total_tokens": len(texts)},
+            }
+        )
+
     async def _next_reply(self, recorded: RecordedRequest) -> Reply:
         if self.replies:
             return self.replies.popleft()
@@ -277,6 +327,14 @@ class FakeOpenAI:
 
 
 # The wire format -------------------------------------------------------------------------------
+
+
+def embedding_vector(text: str, dimensions: int) -> list[float]:
+    """The fake's embedding of `text`: a deterministic, non-normalised vector in [-1, 3)."""
+    digest = hashlib.sha256(text.encode()).digest()
+    while len(digest) < dimensions:
+        digest += hashlib.sha256(digest).digest()
+    return [digest[i] / 64 - 1 for i in range(dimensions)]
 
 
 def _error(reply: Reply) -> JSONResponse:

@@ -1,4 +1,5 @@
-"""Checks of what an agent spec names in its workspace: providers, models and tools."""
+"""Checks of what an agent spec names in its workspace: providers, models, tools and knowledge
+bases."""
 
 from __future__ import annotations
 
@@ -50,6 +51,19 @@ async def check_references(session: AsyncSession, workspace_id: uuid.UUID, spec:
                     type="unknown_tool",
                 )
             )
+    if spec.knowledge_bases:
+        from heron.knowledge.repository import KnowledgeBaseRepository
+
+        kbs = KnowledgeBaseRepository(session, workspace_id)
+        for i, ref in enumerate(spec.knowledge_bases):
+            if await kbs.find(ref) is None:
+                errors.append(
+                    FieldError(
+                        loc=["body", "knowledge_bases", i],
+                        msg=f"no knowledge base with id or name {ref!r} in this workspace",
+                        type="unknown_knowledge_base",
+                    )
+                )
     if errors:
         first = errors[0]
         raise ValidationFailed(f"{'.'.join(str(p) for p in first.loc)}: {first.msg}", errors=errors)

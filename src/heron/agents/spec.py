@@ -19,6 +19,7 @@ from pydantic import (
     StringConstraints,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from heron.core.errors import ValidationFailed
@@ -30,6 +31,8 @@ ModelRef = Annotated[
 ]
 VariableName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=64)]
 ApprovalPolicy = Literal["never", "always"]
+
+KNOWLEDGE_TOOL = "search_knowledge"
 
 _VARIABLE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 
@@ -85,6 +88,13 @@ class AgentSpec(BaseModel):
     output_schema: dict[str, Any] | None = Field(
         None, description="JSON Schema the final answer must match (structured output)."
     )
+    knowledge_bases: Annotated[
+        list[Annotated[str, StringConstraints(min_length=1, max_length=100)]], Field(max_length=16)
+    ] = Field(
+        default_factory=list,
+        description="Knowledge bases (names or ids) the agent searches with its "
+        "`search_knowledge` tool, which is added to `tools` when any are listed.",
+    )
     max_steps: Annotated[int, Field(ge=1, le=500)] = Field(
         20, description="Most rounds of tool calls in one run."
     )
@@ -100,6 +110,17 @@ class AgentSpec(BaseModel):
         if duplicates:
             raise ValueError(f"listed more than once: {', '.join(duplicates)}")
         return tools
+
+    @field_validator("knowledge_bases")
+    @classmethod
+    def _unique_knowledge_bases(cls, refs: list[str]) -> list[str]:
+        return list(dict.fromkeys(refs))
+
+    @model_validator(mode="after")
+    def _knowledge_tool(self) -> AgentSpec:
+        if self.knowledge_bases and KNOWLEDGE_TOOL not in self.tools:
+            self.tools = [*self.tools, KNOWLEDGE_TOOL]
+        return self
 
     @field_validator("output_schema")
     @classmethod

@@ -3,6 +3,7 @@
 from heron.agents.models import Agent, AgentVersion
 from heron.db.base import Base
 from heron.files.models import File
+from heron.knowledge.models import Chunk, ChunkTerm, Document, KnowledgeBase
 from heron.providers.models import Provider
 from heron.runs.models import Run, RunEvent, Step
 from heron.tenancy.models import ApiKey, Membership, User, Workspace
@@ -13,7 +14,11 @@ __all__ = [
     "AgentVersion",
     "ApiKey",
     "Base",
+    "Chunk",
+    "ChunkTerm",
+    "Document",
     "File",
+    "KnowledgeBase",
     "Membership",
     "Message",
     "Provider",

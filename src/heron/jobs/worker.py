@@ -1,4 +1,5 @@
-"""`heron worker`: a Celery worker that executes many runs at once on one asyncio event loop.
+"""`heron worker`: a Celery worker that executes many runs (and ingests documents) at once on
+one asyncio event loop.
 
 Celery's thread pool takes jobs from Redis, one per slot; each slot hands its run to the
 `RunExecutor` on the worker's event loop (a thread of its own) and waits until the run ends or
@@ -25,7 +26,10 @@ from redis.exceptions import RedisError
 
 from heron.core.crypto import SecretBox
 from heron.db.engine import Database
+from heron.files.storage import BlobStore, open_blob_store
 from heron.jobs.queue import QUEUE, TASK, celery_app
+from heron.knowledge import index as knowledge_index
+from heron.knowledge.ingestion import IngestionContext, IngestionExecutor
 from heron.runs.dispatch import CANCEL_CHANNEL
 from heron.runs.events import RedisEventLog
 from heron.runs.executor import LEASE, RunContext, RunExecutor, owner_id
@@ -54,6 +58,8 @@ class WorkerRuntime:
             target=self._loop.run_forever, name="heron-worker-loop", daemon=True
         )
         self._runs: RunExecutor | None = None
+        self._ingestion: IngestionExecutor | None = None
+        self._blobs: BlobStore | None = None
         self._listener: asyncio.Task[None] | None = None
         self._db: Database | None = None
         self._redis: Redis | None = None
@@ -92,19 +98,27 @@ class WorkerRuntime:
             max_concurrency=settings.runs.worker_concurrency,
             per_workspace=settings.runs.per_workspace_concurrency,
         )
+        self._blobs = open_blob_store(settings)
+        knowledge_index.matrices.max_bytes = settings.knowledge.vector_cache_bytes
+        self._ingestion = IngestionExecutor(
+            IngestionContext.create(self._db, settings, box, self._blobs),
+            max_concurrency=settings.knowledge.ingest_concurrency,
+        )
         self._listener = asyncio.create_task(self._listen_for_cancels(), name="cancel-listener")
         recovered = await self._runs.recover(stale_only=True)
         self._runs.start(queued_grace=LEASE)
+        self._ingestion.start(queued_grace=LEASE)
         log.info("worker_started", owner=ctx.owner, runs_recovered=recovered)
 
     def execute(self, kind: str, job_id: str, workspace_id: str) -> None:
         """A job, from one of Celery's threads: returns when this worker is done with it."""
-        if kind != "run":
+        if kind not in ("run", "ingest"):
             raise UnknownJob(f"no job of kind {kind!r}")
         if self._stopping.is_set():
-            return  # acknowledged; the sweep of a running worker finds the run
-        assert self._runs is not None
-        self._call(self._runs.execute(uuid.UUID(job_id), uuid.UUID(workspace_id)))
+            return  # acknowledged; the sweep of a running worker finds the run or document
+        executor = self._runs if kind == "run" else self._ingestion
+        assert executor is not None
+        self._call(executor.execute(uuid.UUID(job_id), uuid.UUID(workspace_id)))
 
     async def _listen_for_cancels(self) -> None:
         assert self._redis is not None
@@ -137,8 +151,12 @@ class WorkerRuntime:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener
+        if self._ingestion is not None:
+            await self._ingestion.close()
         if self._runs is not None:
             await self._runs.close()
+        if self._blobs is not None:
+            await self._blobs.close()
         if self._redis is not None:
             await self._redis.aclose()
         if self._db is not None:

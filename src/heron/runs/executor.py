@@ -20,7 +20,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -66,6 +66,7 @@ from heron.core.crypto import SecretBox
 from heron.core.errors import HeronError
 from heron.core.ids import new_id, utcnow
 from heron.db.engine import Database, is_transient
+from heron.knowledge.service import AgentKnowledge, embedder_factory
 from heron.providers import service as providers
 from heron.providers.connection import ProviderConnection
 from heron.providers.runtime import HttpClients, ModelRuntime
@@ -677,6 +678,11 @@ async def _loop(
     tool_ctx = ToolContext.for_workspace(
         run.workspace_id, allow_private_network=workspace.allow_private_network
     )
+    if spec.knowledge_bases:
+        knowledge = AgentKnowledge(
+            ctx.db, embedder_factory(ctx.box), run.workspace_id, spec.knowledge_bases
+        )
+        tool_ctx = replace(tool_ctx, knowledge=knowledge)
     registry = default_registry()
     tools = []
     for name in spec.tools:
@@ -866,12 +872,10 @@ async def _tool_event(
             error=content if failed else None,
         )
         key = "error" if failed else "result"
-        await _emit(
-            ctx,
-            progress,
-            "tool_call.completed",
-            {"id": event.tool_call_id, "name": part.tool_name, key: content},
-        )
+        data: dict[str, Any] = {"id": event.tool_call_id, "name": part.tool_name, key: content}
+        if not failed and isinstance(part.content, dict):
+            data["data"] = part.content  # structured results (search_knowledge's citations)
+        await _emit(ctx, progress, "tool_call.completed", data)
 
 
 async def _tool_error_to_result(

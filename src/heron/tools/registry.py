@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cache, cached_property
 from types import ModuleType
-from typing import Any, Generic, TypeAlias, TypeVar
+from typing import Any, Generic, Protocol, TypeAlias, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 from pydantic.json_schema import GenerateJsonSchema
@@ -36,6 +36,7 @@ BUILTIN_PLUGINS = (
     "heron.tools.builtin.calculator",
     "heron.tools.builtin.current_time",
     "heron.tools.builtin.http_fetch",
+    "heron.tools.builtin.search_knowledge",
 )
 
 ToolOutput: TypeAlias = str | dict[str, JsonValue]
@@ -77,6 +78,16 @@ class ToolArguments(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class KnowledgeSearch(Protocol):
+    """The knowledge bases an agent may search (`heron.knowledge.service.AgentKnowledge`)."""
+
+    async def search(
+        self, query: str, *, top_k: int, knowledge_base: str | None
+    ) -> list[dict[str, JsonValue]]:
+        """Passages with their citations; ToolFailure when `knowledge_base` isn't one."""
+        ...
+
+
 @dataclass(frozen=True, kw_only=True)
 class ToolContext:
     """What a tool call may use beyond its arguments: who calls, and the limits that apply."""
@@ -87,6 +98,8 @@ class ToolContext:
     fetch_limits: FetchLimits = field(default_factory=FetchLimits)
     timeout_seconds: float = 60.0
     """The longest one tool call may take."""
+    knowledge: KnowledgeSearch | None = None
+    """The agent's knowledge bases, for `search_knowledge`; None when it lists none."""
     clock: Callable[[], datetime] = utcnow
 
     @classmethod
