@@ -106,7 +106,7 @@ async def start_worker(scratch: Path, name: str, concurrency: int, **extra: str)
             server.stop()
             raise RuntimeError(f"{name} not ready after {bench.READY_TIMEOUT:g} s")
         text = log.read_text(errors="replace") if log.exists() else ""
-        if "worker_started" in text and "ready" in text:
+        if '"worker_started"' in text and " ready." in text:  # Celery's "celery@host ready."
             return server
         await asyncio.sleep(0.1)
 
