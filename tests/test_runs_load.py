@@ -101,6 +101,8 @@ async def test_many_concurrent_runs_all_complete_each_executed_once(
 async def test_one_renewal_extends_the_leases_of_every_run_of_the_process(
     client: httpx.AsyncClient, alice: Any, app: Any, slow_llm: tuple[FakeOpenAI, str]
 ) -> None:
+    if app.state.settings.uses_workers:
+        pytest.skip("runs execute on the worker here, whose leases are kept by the same class")
     from sqlalchemy import select, update
 
     from heron.runs.models import Run
@@ -122,7 +124,7 @@ async def test_one_renewal_extends_the_leases_of_every_run_of_the_process(
         )
         ids.append(run.json()["id"])
     db = app.state.db
-    ctx = app.state.executor.ctx
+    ctx = app.state.runs.ctx
     await asyncio.sleep(0.5)  # all three execute
     import uuid
 
@@ -215,3 +217,61 @@ async def test_a_workspace_runs_at_most_its_cap_at_once_the_rest_queue(
         assert statuses == ["completed"] * 5, statuses
         assert most == 2  # the cap was reached, never passed
         assert bob_ran_while_alice_waited
+
+
+async def test_a_worker_executes_as_many_runs_at_once_as_its_concurrency_asks(
+    tmp_path: Path, database_url: str, scale_out: str | None, slow_llm: tuple[FakeOpenAI, str]
+) -> None:
+    """`heron worker --concurrency 3` executes three runs at once, whatever
+    HERON_RUNS_WORKER_CONCURRENCY says."""
+    if scale_out is None:
+        pytest.skip("workers belong to the scale-out configuration")
+    import datetime as dt
+
+    from heron.app import create_app
+    from heron.jobs.worker import running_worker
+    from heron.settings import (
+        AuthSettings,
+        DatabaseSettings,
+        RedisSettings,
+        RunsSettings,
+        load_settings,
+    )
+
+    fake, url = slow_llm
+    fake.handler = lambda request: Reply(text="slowly " * 10, chunk_size=2, chunk_delay=0.05)
+    settings = load_settings(
+        home=tmp_path,
+        database=DatabaseSettings(url=database_url, pool_size=5),
+        redis=RedisSettings(url=scale_out),
+        auth=AuthSettings(secret_key=SecretStr(TEST_SECRET)),
+        runs=RunsSettings(worker_concurrency=1, per_workspace_concurrency=10),
+    )
+    app = create_app(settings)
+    context = running_worker(settings, concurrency=3)
+    await asyncio.to_thread(context.__enter__)
+    try:
+        async with (
+            serve(app, with_worker=False) as base,
+            httpx.AsyncClient(base_url=base, timeout=60) as client,
+        ):
+            alice = await make_tenant(app.state.db, "Alice", password=None)
+            await make_agent(client, alice, url)
+            threads = [await new_thread(client, alice) for _ in range(3)]
+            answers = await asyncio.gather(
+                *(
+                    client.post(
+                        f"/api/threads/{thread}/runs/wait",
+                        json={"agent": "helper", "input": "Hi"},
+                        headers=alice.headers,
+                    )
+                    for thread in threads
+                )
+            )
+    finally:
+        await asyncio.to_thread(context.__exit__, None, None, None)
+    runs = [answer.json() for answer in answers]
+    assert [run["status"] for run in runs] == ["completed"] * 3
+    started = [dt.datetime.fromisoformat(run["started_at"]) for run in runs]
+    ended = [dt.datetime.fromisoformat(run["ended_at"]) for run in runs]
+    assert max(started) < min(ended)  # each began before any ended: all three at once

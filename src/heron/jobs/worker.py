@@ -49,10 +49,12 @@ class UnknownJob(Exception):
 class WorkerRuntime:
     """The asyncio side of a worker process: database, Redis, the run executor."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, concurrency: int | None = None) -> None:
         if not settings.redis.url:
             raise ValueError("a worker needs HERON_REDIS_URL")
         self.settings = settings
+        # As many runs execute at once as Celery has slots to hand them over.
+        self.concurrency = concurrency or settings.runs.worker_concurrency
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="heron-worker-loop", daemon=True
@@ -95,7 +97,7 @@ class WorkerRuntime:
         )
         self._runs = RunExecutor(
             ctx,
-            max_concurrency=settings.runs.worker_concurrency,
+            max_concurrency=self.concurrency,
             per_workspace=settings.runs.per_workspace_concurrency,
         )
         self._blobs = open_blob_store(settings)
@@ -181,14 +183,14 @@ def running_worker(settings: Settings, *, concurrency: int | None = None) -> Ite
     embedding. Yields Celery's worker controller."""
     from celery.contrib.testing.worker import start_worker
 
-    runtime = WorkerRuntime(settings)
+    runtime = WorkerRuntime(settings, concurrency=concurrency)
     runtime.start()
     app = worker_app(runtime)
     try:
         with start_worker(
             app,
             pool="threads",
-            concurrency=concurrency or settings.runs.worker_concurrency,
+            concurrency=runtime.concurrency,
             perform_ping_check=False,
             loglevel="WARNING",
             queues=[QUEUE],
@@ -207,7 +209,7 @@ def run_worker(settings: Settings, *, concurrency: int | None = None) -> None:
     other workers, from their last completed step)."""
     from celery.signals import worker_shutting_down
 
-    runtime = WorkerRuntime(settings)
+    runtime = WorkerRuntime(settings, concurrency=concurrency)
     runtime.start()
     app = worker_app(runtime)
 
@@ -219,7 +221,7 @@ def run_worker(settings: Settings, *, concurrency: int | None = None) -> None:
     try:
         app.Worker(
             pool="threads",
-            concurrency=concurrency or settings.runs.worker_concurrency,
+            concurrency=runtime.concurrency,
             queues=[QUEUE],
             loglevel=settings.server.log_level.upper(),
             without_gossip=True,

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
 from redis.exceptions import ResponseError
 
 TERMINAL = frozenset({"run.completed", "run.failed", "run.cancelled"})
@@ -179,18 +179,33 @@ class RedisEventLog:
         # Blocking reads stay well inside the client's socket timeout (5 s by default).
         block = min(idle, BLOCK_SECONDS)
         quiet = 0.0
-        while True:
-            answer: Any = await self._redis.xread({key: last}, count=500, block=int(block * 1000))
-            if not answer:
-                quiet += block
-                if quiet >= idle:
-                    quiet = 0.0
-                    yield None
-                continue
-            quiet = 0.0
-            for entry in answer[0][1]:
-                last = entry[0]
-                yield _event(entry)
+        # A blocking read holds its connection while it waits, for as long as the stream
+        # lasts: each follower reads on a connection of its own, so live streams can't use up
+        # the shared client's pool (redis-py caps it at 100, then raises) and starve its other
+        # users. A stream costs one connection to Redis meanwhile.
+        shared = self._redis.connection_pool
+        reader = Redis(
+            connection_pool=ConnectionPool(
+                connection_class=shared.connection_class,
+                max_connections=1,
+                **shared.connection_kwargs,
+            )
+        )
+        try:
+            while True:
+                answer: Any = await reader.xread({key: last}, count=500, block=int(block * 1000))
+                if not answer:
+                    quiet += block
+                    if quiet >= idle:
+                        quiet = 0.0
+                        yield None
+                    continue
+                quiet = 0.0
+                for entry in answer[0][1]:
+                    last = entry[0]
+                    yield _event(entry)
+        finally:
+            await reader.aclose(close_connection_pool=True)
 
 
 def _seq(entry_id: bytes | str) -> int:
