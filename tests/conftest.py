@@ -348,10 +348,13 @@ async def worker(settings: Settings) -> AsyncIterator[None]:
     from heron.jobs.worker import running_worker
 
     context = running_worker(settings, concurrency=16)
-    await asyncio.to_thread(context.__enter__)
+    # Started beside the test, not before it: jobs wait in Redis until the worker takes them,
+    # and most tests enqueue nothing in their first second.
+    starting = asyncio.create_task(asyncio.to_thread(context.__enter__))
     try:
         yield
     finally:
+        await starting
         await asyncio.to_thread(context.__exit__, None, None, None)
 
 
