@@ -338,15 +338,21 @@ async def serve(app: FastAPI, *, with_worker: bool = True) -> AsyncIterator[str]
         sock.close()
 
 
+_workers_running: list[Settings] = []
+
+
 @contextlib.asynccontextmanager
 async def worker(settings: Settings) -> AsyncIterator[None]:
     """In the scale-out configuration, a whole `heron worker` (Celery consumer and run
     executor) in threads of the test process, taking jobs from the test's Redis."""
-    if not settings.uses_workers:
+    if not settings.uses_workers or _workers_running:
+        # (Celery's in-process worker keeps its stop signal in module state: one per process.
+        # A server started inside a test that has one shares it.)
         yield
         return
     from heron.jobs.worker import running_worker
 
+    _workers_running.append(settings)
     context = running_worker(settings, concurrency=16)
     # Started beside the test, not before it: jobs wait in Redis until the worker takes them,
     # and most tests enqueue nothing in their first second.
@@ -354,8 +360,11 @@ async def worker(settings: Settings) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        await starting
-        await asyncio.to_thread(context.__exit__, None, None, None)
+        try:
+            await starting
+            await asyncio.to_thread(context.__exit__, None, None, None)
+        finally:
+            _workers_running.clear()
 
 
 @pytest.fixture
