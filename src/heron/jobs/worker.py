@@ -98,7 +98,9 @@ class WorkerRuntime:
         self._runs = RunExecutor(
             ctx,
             max_concurrency=self.concurrency,
-            per_workspace=settings.runs.per_workspace_concurrency,
+            # The per-workspace cap is the claim's, counted in the database across all
+            # workers; a second, per-process count here would only duplicate it.
+            per_workspace=self.concurrency,
         )
         self._blobs = open_blob_store(settings)
         knowledge_index.matrices.max_bytes = settings.knowledge.vector_cache_bytes
