@@ -353,14 +353,21 @@ async def test_deleting_documents_and_knowledge_bases_removes_their_chunks(
         await client.delete(f"/api/knowledge-bases/{kb['id']}", headers=alice.headers)
     ).status_code == 204
     assert await chunk_count(db, knowledge_base_id=uuid.UUID(kb["id"])) == 0
-    if BACKEND == "sqlite":
-        async with db.session(write=False) as session:
-            from sqlalchemy import text
+    async with db.session(write=False) as session:
+        from sqlalchemy import text
 
-            left = await session.scalar(
-                text("SELECT count(*) FROM chunks_fts WHERE chunks_fts MATCH 'sourdough'")
+        terms_left = await session.scalar(
+            text("SELECT count(*) FROM kb_terms WHERE knowledge_base_id = :kb"),
+            {"kb": uuid.UUID(kb["id"]).hex if BACKEND == "sqlite" else uuid.UUID(kb["id"])},
+        )
+        orphans = await session.scalar(
+            text(
+                "SELECT count(*) FROM chunk_terms WHERE term_id NOT IN (SELECT id FROM kb_terms) "
+                "OR chunk_id NOT IN (SELECT id FROM chunks)"
             )
-        assert left == 0
+        )
+    assert terms_left == 0
+    assert orphans == 0
 
 
 async def test_a_document_deleted_while_it_ingests_leaves_nothing_behind(

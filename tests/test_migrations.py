@@ -65,3 +65,95 @@ async def test_sqlite_runs_in_wal_mode_with_foreign_keys(database_url: str) -> N
             assert (await session.scalar(text("PRAGMA foreign_keys"))) == 1
     finally:
         await db.dispose()
+
+
+async def test_upgrading_to_the_shared_keyword_index_reindexes_existing_chunks(
+    database_url: str,
+) -> None:
+    """0007 replaced SQLite's FTS5 table and PostgreSQL's lexeme postings with `kb_terms` and
+    `chunk_terms`: chunks written before it are found by keyword after it, and back again."""
+    import numpy as np
+    from alembic import command
+    from sqlalchemy import func, select
+
+    from conftest import make_tenant
+    from heron.db.engine import Database
+    from heron.knowledge import index
+    from heron.knowledge.models import (
+        Chunk,
+        ChunkTerm,
+        Document,
+        DocumentStatus,
+        KnowledgeBase,
+        SourceKind,
+    )
+    from heron.knowledge.terms import terms
+
+    texts = ["Herons nest in heronries high in trees.", "Sourdough rises with wild yeast."]
+    await asyncio.to_thread(command.downgrade, migrate.alembic_config(database_url), "0006")
+    db = Database(database_url)
+    try:
+        tenant = await make_tenant(db, "Old")
+        async with db.session(write=True) as session, session.begin():
+            kb = KnowledgeBase(
+                workspace_id=tenant.workspace_id,
+                name="old",
+                description="",
+                embedding_model="local",
+                embedding_dimensions=4,
+                chunk_size=512,
+                chunk_overlap=64,
+                chunk_count=len(texts),
+            )
+            session.add(kb)
+            await session.flush()
+            document = Document(
+                workspace_id=kb.workspace_id,
+                knowledge_base_id=kb.id,
+                source=SourceKind.text,
+                text="\n".join(texts),
+                title="Notes",
+                meta={},
+                status=DocumentStatus.ready,
+                truncated=False,
+            )
+            session.add(document)
+            await session.flush()
+            vector = np.full(4, 0.5, dtype=np.float32)
+            session.add_all(
+                Chunk(
+                    workspace_id=kb.workspace_id,
+                    knowledge_base_id=kb.id,
+                    document_id=document.id,
+                    position=i,
+                    text=t,
+                    context="Notes",
+                    heading_path=[],
+                    page=None,
+                    token_count=8,
+                    embedding=vector.tobytes() if db.is_sqlite else vector,
+                )
+                for i, t in enumerate(texts)
+            )
+    finally:
+        await db.dispose()
+
+    for _ in range(2):  # up, then down and up again (the downgrade rebuilds 0006's index)
+        await asyncio.to_thread(migrate.upgrade, database_url)
+        db = Database(database_url)
+        try:
+            async with db.session(write=False) as session:
+                kb_row = await session.get(KnowledgeBase, kb.id)
+                assert kb_row is not None
+                analysed = [terms(f"Notes\n{t}") for t in texts]
+                assert kb_row.term_total == sum(sum(c.values()) for c in analysed)
+                postings = await session.scalar(select(func.count()).select_from(ChunkTerm))
+                assert postings == sum(len(c) for c in analysed)
+                found = await index.keyword_search(session, [kb_row], "heronry", 5, None)
+                chunk = await session.get(Chunk, found[0].chunk_id)
+                assert len(found) == 1
+                assert chunk is not None
+                assert chunk.position == 0
+        finally:
+            await db.dispose()
+        await asyncio.to_thread(command.downgrade, migrate.alembic_config(database_url), "0006")

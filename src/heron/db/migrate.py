@@ -13,9 +13,9 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
-# Search structures that migrations create by hand and the ORM doesn't describe: SQLite's FTS5
-# table (with its shadow tables) and PostgreSQL's HNSW expression indexes.
-_UNMODELLED_PREFIXES = ("chunks_fts", "ix_chunks_embedding_")
+# Search structures that migrations create by hand and the ORM doesn't describe: PostgreSQL's
+# HNSW expression indexes.
+_UNMODELLED_PREFIXES = ("ix_chunks_embedding_",)
 
 
 def include_name(name: str | None, type_: str, parent_names: object) -> bool:

@@ -3,7 +3,7 @@
 from heron.agents.models import Agent, AgentVersion
 from heron.db.base import Base
 from heron.files.models import File
-from heron.knowledge.models import Chunk, ChunkTerm, Document, KnowledgeBase
+from heron.knowledge.models import Chunk, ChunkTerm, Document, KeywordTerm, KnowledgeBase
 from heron.providers.models import Provider
 from heron.runs.models import Run, RunEvent, Step
 from heron.tenancy.models import ApiKey, Membership, User, Workspace
@@ -18,6 +18,7 @@ __all__ = [
     "ChunkTerm",
     "Document",
     "File",
+    "KeywordTerm",
     "KnowledgeBase",
     "Membership",
     "Message",

@@ -1,11 +1,10 @@
 """Knowledge bases, their documents, and the chunks that search finds.
 
-Chunks have an integer id: on SQLite it is the rowid the FTS5 index maps to, on PostgreSQL the
-key of the keyword postings (`chunk_terms`); both are far smaller than a UUID per posting.
+Chunks have an integer id, and keyword terms an integer id per knowledge base: the keyword
+postings (`chunk_terms`) are keyed by both, far smaller than UUIDs per posting.
 
 Index structures that are not ORM tables (created by migration 0006, see `index.py`):
-- SQLite: `chunks_fts`, an external-content FTS5 table over `chunks` kept by triggers;
-- PostgreSQL: partial HNSW indexes `ix_chunks_embedding_<dims>` on `embedding::vector(dims)`.
+PostgreSQL's partial HNSW indexes `ix_chunks_embedding_<dims>` on `embedding::vector(dims)`.
 """
 
 from __future__ import annotations
@@ -138,21 +137,46 @@ class Chunk(Base):
     heading_path: Mapped[list[str]] = mapped_column(JSON, default=list)
     page: Mapped[int | None] = mapped_column(Integer)
     token_count: Mapped[int] = mapped_column(Integer, default=0)
-    term_count: Mapped[int] = mapped_column(Integer, default=0)  # BM25 length (PostgreSQL)
+    term_count: Mapped[int] = mapped_column(Integer, default=0)  # BM25 length: sum of its tfs
     # float32, L2-normalised: a BLOB on SQLite, pgvector's `vector` (any dimension) on PG.
     embedding: Mapped[Any] = mapped_column(LargeBinary().with_variant(Vector(), "postgresql"))
 
 
+class KeywordTerm(Base):
+    """A term of a knowledge base's keyword index (see `terms.py`), with its document frequency:
+    the number of the knowledge base's chunks that contain it (BM25's df)."""
+
+    __tablename__ = "kb_terms"
+    __table_args__ = (UniqueConstraint("knowledge_base_id", "term"),)
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    knowledge_base_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("knowledge_bases.id", ondelete="CASCADE")
+    )
+    term: Mapped[str] = mapped_column(Text)
+    df: Mapped[int] = mapped_column(Integer)
+
+
 class ChunkTerm(Base):
-    """PostgreSQL's keyword index: one row per (term, chunk), with the term's frequency and the
-    chunk's length, so BM25 is computed from this table alone. Unused on SQLite (FTS5)."""
+    """A keyword posting: one row per (term, chunk), with the term's frequency in the chunk and
+    the chunk's length, so BM25 is computed from this table and `kb_terms` alone. Keyed by term
+    first: a term's postings are read as one range."""
 
     __tablename__ = "chunk_terms"
+    __table_args__ = {"sqlite_with_rowid": False}
 
-    knowledge_base_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
-    term: Mapped[str] = mapped_column(Text, primary_key=True)
+    term_id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"),
+        ForeignKey("kb_terms.id", ondelete="CASCADE"),
+        primary_key=True,
+    )
     chunk_id: Mapped[int] = mapped_column(
-        ForeignKey("chunks.id", ondelete="CASCADE"), primary_key=True, index=True
+        BigInteger().with_variant(Integer, "sqlite"),
+        ForeignKey("chunks.id", ondelete="CASCADE"),
+        primary_key=True,
+        index=True,
     )
     tf: Mapped[int] = mapped_column(Integer)
     length: Mapped[int] = mapped_column(Integer)
