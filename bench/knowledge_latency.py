@@ -14,7 +14,7 @@ knowledge base is built directly, with ingestion's own functions:
   vectors are the original plus Gaussian noise (sigma 0.01 per dimension, cosine ≈ 0.98),
   renormalised;
 - chunks are written with `heron.knowledge.index.write_chunks` (one call per document, as
-  ingestion does), so the FTS5 rows, BM25 postings, statistics, pgvector column and HNSW index
+  ingestion does), so the keyword terms and postings, statistics, pgvector column and HNSW index
   are the ones ingestion writes.
 Then a `heron serve` (fresh HERON_HOME, rate limits raised) answers `POST .../search` for
 --queries SciFact test queries per mode (keyword, vector, hybrid), sequentially, after a
@@ -277,7 +277,14 @@ async def run_backend(
     from heron.db import migrate
 
     await asyncio.to_thread(migrate.upgrade, url)
-    kb_id, key, chunks, seconds = await build(url, docs, chunked, vectors, args.chunks)
+    built = scratch / f"built-{name.lower()}.json"
+    if args.keep and built.exists():  # a SQLite knowledge base built by an earlier run
+        saved = json.loads(built.read_text())
+        kb_id, key, chunks, seconds = uuid.UUID(saved["kb"]), saved["key"], *saved["size"]
+    else:
+        kb_id, key, chunks, seconds = await build(url, docs, chunked, vectors, args.chunks)
+        saved = {"kb": str(kb_id), "key": key, "size": [chunks, seconds]}
+        built.write_text(json.dumps(saved))
     print(name, f"built {chunks:,} chunks in {seconds:.0f} s", flush=True)
     server = await start_heron(
         scratch, name.lower(), 32, HERON_DATABASE_URL=url, HERON_SECRET_KEY="bench-" + "x" * 48
@@ -308,7 +315,7 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, distinct: in
         "the corpus repeated as new documents until the size is reached, each copy's chunks "
         "with one random word dropped and its vectors perturbed (Gaussian sigma "
         f"{NOISE} per dimension, renormalised: cosine ≈ 0.98 to the original). Chunks are "
-        "written with ingestion's `index.write_chunks`, so the FTS5 rows, BM25 postings, "
+        "written with ingestion's `index.write_chunks`, so the keyword terms and postings, "
         "statistics and pgvector/HNSW index are what ingestion writes. Posting lists are as "
         "long as those of any 100k-chunk corpus of this kind (a term's document frequency grows "
         "with the corpus), but the vocabulary is SciFact's and each neighbour has ~18 "
@@ -354,6 +361,11 @@ def main() -> None:
         "--cache", type=Path, default=Path(tempfile.gettempdir()) / "heron-bench-cache"
     )
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        help="build in this directory and keep it; a later run reuses its SQLite database",
+    )
     parser.add_argument("--note", default="", help="a sentence added to the method")
     parser.add_argument("--save", type=Path, help="also save the results as JSON here")
     parser.add_argument(
@@ -377,7 +389,8 @@ def main() -> None:
     q = asyncio.run(query_embedding_ms(queries))
     print(f"query embedding p50/p95 {q[0]:.1f} / {q[1]:.1f} ms", flush=True)
     results = []
-    scratch = Path(tempfile.mkdtemp(prefix="heron-bench-latency-"))
+    scratch = args.keep or Path(tempfile.mkdtemp(prefix="heron-bench-latency-"))
+    scratch.mkdir(parents=True, exist_ok=True)
     try:
         if args.backend in ("sqlite", "both"):
             url = f"sqlite+aiosqlite:///{scratch / 'heron.db'}"
@@ -396,7 +409,8 @@ def main() -> None:
                     )
                 )
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(scratch, ignore_errors=True)
     if args.save:
         saved = {"results": results, "distinct": len(texts), "query_ms": q}
         args.save.write_text(json.dumps(saved))

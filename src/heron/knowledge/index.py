@@ -35,8 +35,6 @@ from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import Table, bindparam, delete, func, select, text, update
 from sqlalchemy import insert as core_insert
-from sqlalchemy.dialects import postgresql
-from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from heron.knowledge.models import Chunk, ChunkTerm, KeywordTerm, KnowledgeBase
@@ -51,7 +49,7 @@ EXACT_MAX = 10_000
 """Up to this many chunks, PostgreSQL searches a knowledge base exactly (fast enough, and
 perfect recall); beyond, through the HNSW index."""
 INDEXED_DIMENSIONS = frozenset({384, 768, 1024, 1536})  # as created by migration 0006
-ROWS_PER_STATEMENT = 5000  # multi-row VALUES stay under both drivers' 32,767 parameters
+ROWS_PER_STATEMENT = 5000  # ids per IN (...): under both drivers' 32,767 parameters
 ANALYSE_INLINE_CHARS = 20_000  # more text than this is analysed off the event loop
 READ_AT_ONCE = 4096
 """Postings of several terms are read in one statement while their document frequencies add
@@ -126,29 +124,43 @@ async def write_chunks(
         df.update(counts.keys())
     term_ids = await _add_terms(session, kb.id, df)
     postings = [
-        {"term_id": term_ids[term], "chunk_id": ids[n], "tf": tf, "length": lengths[n]}
+        {"term": term_ids[term], "chunk": ids[n], "tf": tf, "length": lengths[n]}
         for n, counts in enumerate(analysed)
         for term, tf in counts.items()
     ]
     if postings:
-        await session.execute(core_insert(ChunkTerm), postings)
+        await session.execute(_ADD_POSTINGS, postings)
     await _bump(session, kb.id, len(chunks), sum(lengths))
+
+
+_ADD_TERMS = {
+    # SQLite needs the WHERE to tell the upsert's ON CONFLICT from a join's ON.
+    "sqlite": "INSERT INTO kb_terms (knowledge_base_id, term, df) "
+    "SELECT :kb, key, value FROM json_each(:df) WHERE true "
+    "ON CONFLICT (knowledge_base_id, term) DO UPDATE SET df = df + excluded.df "
+    "RETURNING term, id",
+    "postgresql": "INSERT INTO kb_terms (knowledge_base_id, term, df) "
+    "SELECT :kb, t, d FROM unnest(CAST(:terms AS text[]), CAST(:dfs AS int[])) AS u(t, d) "
+    "ON CONFLICT (knowledge_base_id, term) DO UPDATE SET df = kb_terms.df + excluded.df "
+    "RETURNING term, id",
+}
+_ADD_POSTINGS = text(
+    "INSERT INTO chunk_terms (term_id, chunk_id, tf, length) VALUES (:term, :chunk, :tf, :length)"
+)
 
 
 async def _add_terms(session: AsyncSession, kb_id: uuid.UUID, df: Counter[str]) -> dict[str, int]:
     """Add `df` to the knowledge base's document frequencies (new terms are created); the ids
     of those terms. In term order, so concurrent writers lock shared terms in the same order."""
-    insert = postgresql.insert if not is_sqlite(session) else sqlite_dialect.insert
-    ids: dict[str, int] = {}
-    rows = [{"knowledge_base_id": kb_id, "term": t, "df": df[t]} for t in sorted(df)]
-    for at in range(0, len(rows), ROWS_PER_STATEMENT):
-        values = insert(KeywordTerm).values(rows[at : at + ROWS_PER_STATEMENT])
-        statement = values.on_conflict_do_update(
-            index_elements=[KeywordTerm.knowledge_base_id, KeywordTerm.term],
-            set_={"df": KeywordTerm.df + values.excluded.df},
-        ).returning(KeywordTerm.term, KeywordTerm.id)
-        ids.update((term, id) for term, id in await session.execute(statement))
-    return ids
+    ordered = sorted(df)
+    params: dict[str, Any]
+    if is_sqlite(session):
+        params = {"kb": kb_id.hex, "df": json.dumps({t: df[t] for t in ordered})}
+        sql = _ADD_TERMS["sqlite"]
+    else:
+        params = {"kb": kb_id, "terms": ordered, "dfs": [df[t] for t in ordered]}
+        sql = _ADD_TERMS["postgresql"]
+    return {term: id for term, id in await session.execute(text(sql), params)}
 
 
 async def remove_chunks(session: AsyncSession, kb_id: uuid.UUID, document_id: uuid.UUID) -> int:

@@ -67,8 +67,7 @@ class KnowledgeBase(WorkspaceOwned):
     # Bumped by every change of the index (chunks written or removed): processes keep caches
     # of a knowledge base's vectors and drop them when the version moved.
     index_version: Mapped[int] = mapped_column(BigInteger, default=0)
-    # BM25 statistics kept with the index: live chunks, and the sum of their lengths in terms
-    # (PostgreSQL's keyword ranking; SQLite's FTS5 keeps its own).
+    # BM25 statistics kept with the index: live chunks, and the sum of their lengths in terms.
     chunk_count: Mapped[int] = mapped_column(BigInteger, default=0)
     term_total: Mapped[int] = mapped_column(BigInteger, default=0)
 
@@ -120,7 +119,7 @@ class Chunk(Base):
         {"sqlite_autoincrement": True},  # ids are never reused: citations keep meaning one chunk
     )
 
-    # INTEGER PRIMARY KEY on SQLite: the rowid itself, stable for the FTS5 index.
+    # INTEGER PRIMARY KEY on SQLite: the rowid itself.
     id: Mapped[int] = mapped_column(
         BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
     )

@@ -192,8 +192,8 @@ async def update_kb(
 
 
 async def delete_kb(session: AsyncSession, workspace_id: uuid.UUID, kb_id: uuid.UUID) -> None:
-    """Delete the knowledge base; its documents and chunks go with it (foreign keys cascade,
-    SQLite's FTS5 entries by trigger, PostgreSQL's postings by cascade)."""
+    """Delete the knowledge base; its documents, chunks, terms and postings go with it (foreign
+    keys cascade)."""
     repo = KnowledgeBaseRepository(session, workspace_id)
     kb = await repo.get_or_404(kb_id)
     await repo.delete(kb)
