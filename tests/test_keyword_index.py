@@ -1,6 +1,6 @@
-"""The keyword index against a brute-force BM25 on random corpora: MaxScore's pruning must give
-exactly the top k that scoring every chunk gives, with each knowledge base's own statistics,
-after deletions, and under document filters."""
+"""The keyword index against a brute-force BM25 on random corpora: the postings merged into
+blocks must give exactly the top k that scoring every chunk from its text gives, with each
+knowledge base's own statistics, after deletions and more writes, and under filters."""
 
 from __future__ import annotations
 
@@ -138,23 +138,67 @@ async def search(
         return await index.keyword_search(session, fresh, query, limit, allowed)
 
 
-@pytest.mark.parametrize("read_at_once", [1, 64, index.READ_AT_ONCE])
-async def test_pruned_bm25_is_exactly_brute_force_bm25(
-    app: FastAPI, db: Database, alice: Tenant, read_at_once: int, monkeypatch: pytest.MonkeyPatch
+async def check_blocks(
+    db: Database, kb: KnowledgeBase, chunks: dict[int, tuple[uuid.UUID, Counter[str]]]
+) -> int:
+    """Every live posting is in exactly one block, with its tf and length; each term has fewer
+    than FANOUT blocks of a level (merges happened); document frequencies are exact. Returns
+    how many postings of deleted chunks the blocks still hold."""
+    from sqlalchemy import select
+
+    from heron.knowledge.models import KeywordTerm, TermBlock
+
+    async with db.session(write=False) as session:
+        rows = (
+            await session.execute(
+                select(KeywordTerm.term, KeywordTerm.df, TermBlock.level, TermBlock.postings)
+                .join(TermBlock, TermBlock.term_id == KeywordTerm.id)
+                .where(KeywordTerm.knowledge_base_id == kb.id)
+            )
+        ).all()
+    levels: Counter[tuple[str, int]] = Counter()
+    stored: set[tuple[str, int, int, int]] = set()
+    dead = 0
+    df: dict[str, int] = {}
+    for term, frequency, level, data in rows:
+        levels[(term, level)] += 1
+        df[term] = frequency
+        for chunk, tf, length in np.frombuffer(data, dtype=index.POSTING).tolist():
+            if chunk in chunks:  # postings of deleted chunks may wait for their merge
+                assert (term, chunk, tf, length) not in stored
+                stored.add((term, chunk, tf, length))
+            else:
+                dead += 1
+    expected = {
+        (term, chunk, tf, sum(counts.values()))
+        for chunk, (_, counts) in chunks.items()
+        for term, tf in counts.items()
+    }
+    assert stored == expected
+    assert max(levels.values()) < index.FANOUT
+    assert df == Counter(t for _, counts in chunks.values() for t in counts)
+    return dead
+
+
+@pytest.mark.parametrize("fanout", [2, 4])
+async def test_bm25_from_merged_blocks_is_exactly_brute_force_bm25(
+    app: FastAPI, db: Database, alice: Tenant, fanout: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # 1 reads a term at a time (most pruning, most candidate completions); the default reads
-    # most of these small posting lists at once.
-    monkeypatch.setattr(index, "READ_AT_ONCE", read_at_once)
-    rng = random.Random(read_at_once)
-    kb = await new_kb(db, alice, f"random-{read_at_once}")
-    other = await new_kb(db, alice, f"other-{read_at_once}")
+    monkeypatch.setattr(index, "FANOUT", fanout)
+    rng = random.Random(fanout)
+    kb = await new_kb(db, alice, f"random-{fanout}")
+    other = await new_kb(db, alice, f"other-{fanout}")
     chunks: dict[int, tuple[uuid.UUID, Counter[str]]] = {}
     documents: list[uuid.UUID] = []
-    for _ in range(60):
-        texts = [random_text(rng, rng.randint(3, 80)) for _ in range(rng.randint(1, 6))]
-        document, analysed = await add_document(db, kb, texts)
-        documents.append(document)
-        chunks.update({c: (document, counts) for c, counts in analysed.items()})
+
+    async def add_random(count: int) -> None:
+        for _ in range(count):
+            texts = [random_text(rng, rng.randint(3, 80)) for _ in range(rng.randint(1, 6))]
+            document, analysed = await add_document(db, kb, texts)
+            documents.append(document)
+            chunks.update({c: (document, counts) for c, counts in analysed.items()})
+
+    await add_random(60)
     # Another knowledge base with the same words in other proportions: its statistics must not
     # leak into the first one's scores.
     for _ in range(10):
@@ -169,16 +213,25 @@ async def test_pruned_bm25_is_exactly_brute_force_bm25(
     for query in queries:
         for limit in (1, 10, 50):
             check(await search(db, [kb], query, limit), brute_force(chunks, query), limit)
+    await check_blocks(db, kb, chunks)
 
-    # Deleting documents lowers document frequencies and lengths; terms only they had go.
+    # Deleting documents lowers document frequencies and lengths at once; their postings are
+    # skipped until merges drop them.
+    gone = set(documents[::3])
     async with db.session(write=True) as session, session.begin():
-        for document in documents[::3]:
+        for document in gone:
             await index.remove_chunks(session, kb.id, document)
-    chunks = {c: (d, counts) for c, (d, counts) in chunks.items() if d not in documents[::3]}
+    chunks = {c: (d, counts) for c, (d, counts) in chunks.items() if d not in gone}
     for query in queries[:10]:
         check(await search(db, [kb], query, 10), brute_force(chunks, query), 10)
+    dead = await check_blocks(db, kb, chunks)
+    assert dead > 0
+    await add_random(30)
+    for query in queries[:10]:
+        check(await search(db, [kb], query, 10), brute_force(chunks, query), 10)
+    assert await check_blocks(db, kb, chunks) < dead  # merges dropped some
 
     # Filters apply before the top k is cut.
-    allowed = set(documents[1::4]) - set(documents[::3])
+    allowed = set(documents[1::4]) - gone
     for query in queries[:10]:
         check(await search(db, [kb], query, 10, allowed), brute_force(chunks, query, allowed), 10)

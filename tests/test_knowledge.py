@@ -361,10 +361,7 @@ async def test_deleting_documents_and_knowledge_bases_removes_their_chunks(
             {"kb": uuid.UUID(kb["id"]).hex if BACKEND == "sqlite" else uuid.UUID(kb["id"])},
         )
         orphans = await session.scalar(
-            text(
-                "SELECT count(*) FROM chunk_terms WHERE term_id NOT IN (SELECT id FROM kb_terms) "
-                "OR chunk_id NOT IN (SELECT id FROM chunks)"
-            )
+            text("SELECT count(*) FROM term_blocks WHERE term_id NOT IN (SELECT id FROM kb_terms)")
         )
     assert terms_left == 0
     assert orphans == 0

@@ -71,7 +71,7 @@ async def test_upgrading_to_the_shared_keyword_index_reindexes_existing_chunks(
     database_url: str,
 ) -> None:
     """0007 replaced SQLite's FTS5 table and PostgreSQL's lexeme postings with `kb_terms` and
-    `chunk_terms`: chunks written before it are found by keyword after it, and back again."""
+    `term_blocks`: chunks written before it are found by keyword after it, and back again."""
     import numpy as np
     from alembic import command
     from sqlalchemy import func, select
@@ -81,11 +81,11 @@ async def test_upgrading_to_the_shared_keyword_index_reindexes_existing_chunks(
     from heron.knowledge import index
     from heron.knowledge.models import (
         Chunk,
-        ChunkTerm,
         Document,
         DocumentStatus,
         KnowledgeBase,
         SourceKind,
+        TermBlock,
     )
     from heron.knowledge.terms import terms
 
@@ -147,7 +147,7 @@ async def test_upgrading_to_the_shared_keyword_index_reindexes_existing_chunks(
                 assert kb_row is not None
                 analysed = [terms(f"Notes\n{t}") for t in texts]
                 assert kb_row.term_total == sum(sum(c.values()) for c in analysed)
-                postings = await session.scalar(select(func.count()).select_from(ChunkTerm))
+                postings = await session.scalar(select(func.sum(TermBlock.count)))
                 assert postings == sum(len(c) for c in analysed)
                 found = await index.keyword_search(session, [kb_row], "heronry", 5, None)
                 chunk = await session.get(Chunk, found[0].chunk_id)

@@ -3,7 +3,7 @@
 from heron.agents.models import Agent, AgentVersion
 from heron.db.base import Base
 from heron.files.models import File
-from heron.knowledge.models import Chunk, ChunkTerm, Document, KeywordTerm, KnowledgeBase
+from heron.knowledge.models import Chunk, Document, KeywordTerm, KnowledgeBase, TermBlock
 from heron.providers.models import Provider
 from heron.runs.models import Run, RunEvent, Step
 from heron.tenancy.models import ApiKey, Membership, User, Workspace
@@ -15,7 +15,6 @@ __all__ = [
     "ApiKey",
     "Base",
     "Chunk",
-    "ChunkTerm",
     "Document",
     "File",
     "KeywordTerm",
@@ -26,6 +25,7 @@ __all__ = [
     "Run",
     "RunEvent",
     "Step",
+    "TermBlock",
     "Thread",
     "User",
     "Workspace",

@@ -2,15 +2,16 @@
 
 Keyword (the same on SQLite and PostgreSQL)
 - Terms come from `terms.py` (words, stop words dropped, Snowball English stems). `kb_terms`
-  holds each knowledge base's terms with their document frequency; `chunk_terms` one posting
-  per (term, chunk) with the term's frequency and the chunk's length, keyed by term first.
-- Ranking is BM25 (k1=1.2, b=0.75, idf = ln(1 + (N - df + 0.5) / (df + 0.5))) with the knowledge
-  base's own N and average length, exactly, with MaxScore pruning: a term adds at most
-  idf * (k1 + 1) to any chunk's score, so the rarest terms' postings are read first, and once
-  the k-th best score so far is at least what all the unread terms could add together, no
-  chunk outside the candidates can enter the top k; the candidates that still could are scored
-  on the remaining terms by key lookups. A query of common words reads little more than its
-  rare words' postings, instead of every posting of every word.
+  holds each knowledge base's terms with their document frequency (exact at every commit).
+- Postings live in `term_blocks`: packed arrays of (chunk id, tf, chunk length) per term. A
+  document's write appends one small block per term; whenever a term has `FANOUT` blocks of
+  one level, they merge into one block of the next level (as a log-structured merge tree), so
+  a term of df postings has at most (FANOUT - 1) * log_FANOUT(df) blocks, and the total work
+  of merging grows as df * log(df). Merges drop the postings of chunks deleted since.
+- Search reads every query term's blocks (a few rows, decoded in place by numpy) and scores
+  every posting: exact BM25 (k1=1.2, b=0.75, idf = ln(1 + (N - df + 0.5) / (df + 0.5))) with
+  the knowledge base's own N and average length. Deleted chunks still in a block are skipped
+  when the best chunks are looked up.
 
 Vector
 - SQLite: numpy over the knowledge base's normalised matrix, cached per process and reloaded
@@ -28,16 +29,16 @@ import json
 import math
 import threading
 import uuid
-from collections import Counter, OrderedDict
-from collections.abc import Sequence
+from collections import Counter, OrderedDict, defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Table, bindparam, delete, func, select, text, update
+from sqlalchemy import delete, select, text, update
 from sqlalchemy import insert as core_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from heron.knowledge.models import Chunk, ChunkTerm, KeywordTerm, KnowledgeBase
+from heron.knowledge.models import Chunk, KeywordTerm, KnowledgeBase, TermBlock
 from heron.knowledge.terms import query_terms, terms
 
 if TYPE_CHECKING:
@@ -49,11 +50,12 @@ EXACT_MAX = 10_000
 """Up to this many chunks, PostgreSQL searches a knowledge base exactly (fast enough, and
 perfect recall); beyond, through the HNSW index."""
 INDEXED_DIMENSIONS = frozenset({384, 768, 1024, 1536})  # as created by migration 0006
-ROWS_PER_STATEMENT = 5000  # ids per IN (...): under both drivers' 32,767 parameters
+FANOUT = 4
+"""Blocks of one term and level that merge into one block of the next level."""
+POSTING = [("chunk", "<i8"), ("tf", "<i4"), ("length", "<i4")]
+"""A posting as stored in `term_blocks.postings` (a numpy structured dtype, little-endian)."""
+IN_BATCH = 5000  # values per IN (...) list: under both drivers' 32,767 parameters
 ANALYSE_INLINE_CHARS = 20_000  # more text than this is analysed off the event loop
-READ_AT_ONCE = 4096
-"""Postings of several terms are read in one statement while their document frequencies add
-up to at most this (the rarest terms: cheap to read, and they decide the candidates)."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,15 @@ def is_sqlite(session: AsyncSession) -> bool:
     return session.get_bind().dialect.name == "sqlite"
 
 
+def _ids_param(session: AsyncSession, ids: Iterable[Any]) -> tuple[str, Any]:
+    """A list of ids as one bound parameter: the SQL to put after a column (a constant: only
+    the parameter's name is formatted in) and the parameter's value."""
+    values = list(ids)
+    if is_sqlite(session):
+        return "IN (SELECT value FROM json_each(:{name}))", json.dumps(values)
+    return "= ANY(:{name})", values
+
+
 # Writing -----------------------------------------------------------------------------------------
 
 
@@ -87,14 +98,12 @@ async def write_chunks(
     embeddings: np.ndarray,
 ) -> None:
     """Insert chunks with their embeddings and keyword postings; update the statistics."""
+    import numpy as np
+
     if not chunks:
         return
     sqlite = is_sqlite(session)
-    texts = [f"{c.context}\n{c.text}" for c in chunks]
-    if sum(map(len, texts)) > ANALYSE_INLINE_CHARS:
-        analysed = await asyncio.to_thread(lambda: [terms(t) for t in texts])
-    else:
-        analysed = [terms(t) for t in texts]
+    analysed = await _analyse([f"{c.context}\n{c.text}" for c in chunks])
     lengths = [sum(counts.values()) for counts in analysed]
     values = [
         {
@@ -119,18 +128,31 @@ async def write_chunks(
             )
         ).all()
     )
-    df: Counter[str] = Counter()
-    for counts in analysed:
-        df.update(counts.keys())
-    term_ids = await _add_terms(session, kb.id, df)
-    postings = [
-        {"term": term_ids[term], "chunk": ids[n], "tf": tf, "length": lengths[n]}
-        for n, counts in enumerate(analysed)
-        for term, tf in counts.items()
-    ]
-    if postings:
-        await session.execute(_ADD_POSTINGS, postings)
+    postings: defaultdict[str, list[tuple[int, int, int]]] = defaultdict(list)
+    for n, counts in enumerate(analysed):
+        for term, tf in counts.items():
+            postings[term].append((ids[n], tf, lengths[n]))
+    term_ids = await _add_terms(session, kb.id, {t: len(p) for t, p in postings.items()})
+    await session.execute(
+        _ADD_BLOCK,
+        [
+            {
+                "term": term_ids[term],
+                "level": 0,
+                "count": len(rows),
+                "postings": np.array(rows, dtype=POSTING).tobytes(),
+            }
+            for term, rows in postings.items()
+        ],
+    )
+    await _merge(session, sorted(term_ids.values()))
     await _bump(session, kb.id, len(chunks), sum(lengths))
+
+
+async def _analyse(texts: list[str]) -> list[Counter[str]]:
+    if sum(map(len, texts)) > ANALYSE_INLINE_CHARS:
+        return await asyncio.to_thread(lambda: [terms(t) for t in texts])
+    return [terms(t) for t in texts]
 
 
 _ADD_TERMS = {
@@ -144,14 +166,16 @@ _ADD_TERMS = {
     "ON CONFLICT (knowledge_base_id, term) DO UPDATE SET df = kb_terms.df + excluded.df "
     "RETURNING term, id",
 }
-_ADD_POSTINGS = text(
-    "INSERT INTO chunk_terms (term_id, chunk_id, tf, length) VALUES (:term, :chunk, :tf, :length)"
+_ADD_BLOCK = text(
+    "INSERT INTO term_blocks (term_id, level, count, postings) "
+    "VALUES (:term, :level, :count, :postings)"
 )
 
 
-async def _add_terms(session: AsyncSession, kb_id: uuid.UUID, df: Counter[str]) -> dict[str, int]:
+async def _add_terms(session: AsyncSession, kb_id: uuid.UUID, df: dict[str, int]) -> dict[str, int]:
     """Add `df` to the knowledge base's document frequencies (new terms are created); the ids
-    of those terms. In term order, so concurrent writers lock shared terms in the same order."""
+    of those terms. In term order, so concurrent writers lock shared terms in the same order
+    (and the row locks keep two writers from merging one term's blocks at once)."""
     ordered = sorted(df)
     params: dict[str, Any]
     if is_sqlite(session):
@@ -163,50 +187,133 @@ async def _add_terms(session: AsyncSession, kb_id: uuid.UUID, df: Counter[str]) 
     return {term: id for term, id in await session.execute(text(sql), params)}
 
 
+async def _merge(session: AsyncSession, term_ids: list[int]) -> None:
+    """Merge each `FANOUT` blocks of one term and level into one block of the next level, up
+    the levels, dropping postings of chunks that are gone."""
+    import numpy as np
+
+    level = 0
+    while term_ids:
+        fragment, values = _ids_param(session, term_ids)
+        full = [
+            term
+            for (term,) in await session.execute(
+                text(
+                    "SELECT term_id FROM term_blocks WHERE level = :level AND term_id "  # noqa: S608
+                    + fragment.format(name="terms")
+                    + " GROUP BY term_id HAVING count(*) >= :fanout"
+                ),
+                {"level": level, "terms": values, "fanout": FANOUT},
+            )
+        ]
+        if not full:
+            return
+        fragment, values = _ids_param(session, full)
+        blocks = (
+            await session.execute(
+                text(
+                    "SELECT id, term_id, postings FROM term_blocks WHERE level = :level "  # noqa: S608
+                    "AND term_id " + fragment.format(name="terms")
+                ),
+                {"level": level, "terms": values},
+            )
+        ).all()
+        grouped: defaultdict[int, list[np.ndarray]] = defaultdict(list)
+        for _, term, data in blocks:
+            grouped[term].append(np.frombuffer(data, dtype=POSTING))
+        merged = {term: np.concatenate(parts) for term, parts in grouped.items()}
+        live = await _live(session, np.unique(np.concatenate(list(merged.values()))["chunk"]))
+        rows = []
+        for term, postings in merged.items():
+            kept = np.sort(postings[np.isin(postings["chunk"], live)], order="chunk")
+            if len(kept):
+                rows.append(
+                    {
+                        "term": term,
+                        "level": level + 1,
+                        "count": len(kept),
+                        "postings": kept.tobytes(),
+                    }
+                )
+        block_ids = [id for id, _, _ in blocks]
+        for at in range(0, len(block_ids), IN_BATCH):
+            await session.execute(
+                delete(TermBlock).where(TermBlock.id.in_(block_ids[at : at + IN_BATCH]))
+            )
+        if rows:
+            await session.execute(_ADD_BLOCK, rows)
+        term_ids = full
+        level += 1
+
+
+async def _live(session: AsyncSession, chunk_ids: np.ndarray) -> np.ndarray:
+    """Those of `chunk_ids` (sorted, unique) whose chunks exist."""
+    import numpy as np
+
+    found: list[int] = []
+    ids = chunk_ids.tolist()
+    for at in range(0, len(ids), 50_000):
+        fragment, values = _ids_param(session, ids[at : at + 50_000])
+        found += (
+            await session.scalars(
+                text("SELECT id FROM chunks WHERE id " + fragment.format(name="ids")),  # noqa: S608
+                {"ids": values},
+            )
+        ).all()
+    return np.asarray(sorted(found), dtype=np.int64)
+
+
 async def remove_chunks(session: AsyncSession, kb_id: uuid.UUID, document_id: uuid.UUID) -> int:
-    """Remove a document's chunks and their postings; update the statistics."""
-    count, total = (
+    """Remove a document's chunks; update the statistics. Their terms' document frequencies
+    drop (the chunks are analysed again); their postings go when their blocks next merge, or
+    with their terms when no chunk has them any more."""
+    rows = (
         await session.execute(
-            select(func.count(), func.coalesce(func.sum(Chunk.term_count), 0)).where(
+            select(Chunk.context, Chunk.text, Chunk.term_count).where(
                 Chunk.knowledge_base_id == kb_id, Chunk.document_id == document_id
             )
         )
-    ).one()
-    if not count:
-        return 0
-    chunk_ids = select(Chunk.id).where(
-        Chunk.knowledge_base_id == kb_id, Chunk.document_id == document_id
-    )
-    # Each term's document frequency drops by the number of these chunks that contain it.
-    dropped = (
-        await session.execute(
-            select(ChunkTerm.term_id, func.count())
-            .where(ChunkTerm.chunk_id.in_(chunk_ids))
-            .group_by(ChunkTerm.term_id)
-            .order_by(ChunkTerm.term_id)
-        )
     ).all()
-    await session.execute(delete(ChunkTerm).where(ChunkTerm.chunk_id.in_(chunk_ids)))
+    if not rows:
+        return 0
+    analysed = await _analyse([f"{context}\n{body}" for context, body, _ in rows])
+    dropped: Counter[str] = Counter()
+    for counts in analysed:
+        dropped.update(counts.keys())
     if dropped:
-        terms_table = cast(Table, KeywordTerm.__table__)
-        await session.execute(
-            update(terms_table)
-            .where(terms_table.c.id == bindparam("term_key"))
-            .values(df=terms_table.c.df - bindparam("dropped")),
-            [{"term_key": term, "dropped": n} for term, n in dropped],
-        )
-        gone = [term for term, _ in dropped]
-        for at in range(0, len(gone), ROWS_PER_STATEMENT):
-            await session.execute(
-                delete(KeywordTerm).where(
-                    KeywordTerm.id.in_(gone[at : at + ROWS_PER_STATEMENT]), KeywordTerm.df <= 0
-                )
+        if is_sqlite(session):
+            fragment = "SELECT :kb AS kb, key AS term, value AS n FROM json_each(:df)"
+            params: dict[str, Any] = {
+                "kb": kb_id.hex,
+                "df": json.dumps(dict(sorted(dropped.items()))),
+            }
+        else:
+            fragment = (
+                "SELECT CAST(:kb AS uuid) AS kb, t AS term, d AS n "
+                "FROM unnest(CAST(:terms AS text[]), CAST(:dfs AS int[])) AS u(t, d)"
             )
+            ordered = sorted(dropped)
+            params = {"kb": kb_id, "terms": ordered, "dfs": [dropped[t] for t in ordered]}
+        await session.execute(
+            text(
+                "UPDATE kb_terms SET df = df - d.n FROM (" + fragment + ") AS d "  # noqa: S608
+                "WHERE kb_terms.knowledge_base_id = d.kb AND kb_terms.term = d.term"
+            ),
+            params,
+        )
+        # A term no chunk has any more goes, its blocks with it.
+        await session.execute(
+            delete(KeywordTerm).where(
+                KeywordTerm.knowledge_base_id == kb_id,
+                KeywordTerm.term.in_(list(dropped)),
+                KeywordTerm.df <= 0,
+            )
+        )
     await session.execute(
         delete(Chunk).where(Chunk.knowledge_base_id == kb_id, Chunk.document_id == document_id)
     )
-    await _bump(session, kb_id, -int(count), -int(total))
-    return int(count)
+    await _bump(session, kb_id, -len(rows), -sum(int(n) for _, _, n in rows))
+    return len(rows)
 
 
 async def _bump(session: AsyncSession, kb_id: uuid.UUID, chunks: int, terms: int) -> None:
@@ -222,26 +329,6 @@ async def _bump(session: AsyncSession, kb_id: uuid.UUID, chunks: int, terms: int
 
 
 # Keyword search ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Term:
-    id: int
-    df: int
-    idf: float
-
-    @property
-    def bound(self) -> float:
-        """The most this term adds to any chunk's score (tf/(tf + ...) < 1)."""
-        return self.idf * (K1 + 1)
-
-
-@dataclass(frozen=True)
-class _Postings:
-    term_ids: np.ndarray
-    chunk_ids: np.ndarray
-    tfs: np.ndarray
-    lengths: np.ndarray
 
 
 async def keyword_search(
@@ -276,121 +363,78 @@ async def _bm25(
 
     n = kb.chunk_count
     avgdl = max(kb.term_total / n, 1.0)
-    found = await session.execute(
-        select(KeywordTerm.id, KeywordTerm.df).where(
-            KeywordTerm.knowledge_base_id == kb.id,
-            KeywordTerm.term.in_(words),
-            KeywordTerm.df > 0,
-        )
-    )
-    pending = sorted(
-        (_Term(id, df, math.log(1 + (n - df + 0.5) / (df + 0.5))) for id, df in found),
-        key=lambda t: t.df,
-    )
-    idf = {t.id: t.idf for t in pending}
-    read: list[_Postings] = []
-    while pending:
-        # The rarest unread terms: together cheap to read, and they decide who can win.
-        take = 1
-        budget = pending[0].df
-        while take < len(pending) and budget + pending[take].df <= READ_AT_ONCE:
-            budget += pending[take].df
-            take += 1
-        batch, pending = pending[:take], pending[take:]
-        read.append(await _postings(session, [t.id for t in batch], None, allowed))
-        ids, scores = _scores(read, idf, avgdl)
-        rest = sum(t.bound for t in pending)
-        if len(ids) >= limit and float(np.partition(scores, -limit)[-limit]) >= rest:
-            break  # a chunk with none of the terms read scores at most `rest`
-    ids, scores = _scores(read, idf, avgdl)
-    if len(ids) == 0:
-        return []
-    if pending:
-        # Candidates that the unread terms could still lift into the top k get their exact
-        # scores; the others can't reach the k-th best even with every unread term.
-        rest = sum(t.bound for t in pending)
-        kth = float(np.partition(scores, -limit)[-limit]) if len(ids) >= limit else 0.0
-        contenders = ids[scores + rest > kth]
-        if len(contenders):
-            read.append(
-                await _postings(session, [t.id for t in pending], contenders.tolist(), None)
+    found = (
+        await session.execute(
+            select(KeywordTerm.id, KeywordTerm.df).where(
+                KeywordTerm.knowledge_base_id == kb.id,
+                KeywordTerm.term.in_(words),
+                KeywordTerm.df > 0,
             )
-            ids, scores = _scores(read, idf, avgdl)
-    k = min(limit, len(ids))
-    best = np.argpartition(-scores, k - 1)[:k]
-    best = best[np.argsort(-scores[best], kind="stable")]
-    return [Hit(int(ids[i]), float(scores[i])) for i in best]
+        )
+    ).all()
+    if not found:
+        return []
+    idf = {id: math.log(1 + (n - df + 0.5) / (df + 0.5)) for id, df in found}
+    fragment, values = _ids_param(session, idf)
+    blocks = (
+        await session.execute(
+            text(
+                "SELECT term_id, postings FROM term_blocks WHERE term_id "  # noqa: S608
+                + fragment.format(name="terms")
+            ),
+            {"terms": values},
+        )
+    ).all()
+    if not blocks:
+        return []
 
+    def score() -> tuple[np.ndarray, np.ndarray]:
+        parts = [np.frombuffer(data, dtype=POSTING) for _, data in blocks]
+        postings = np.concatenate(parts)
+        weights = np.repeat([idf[term] for term, _ in blocks], [len(p) for p in parts])
+        tf = postings["tf"].astype(np.float64)
+        length = postings["length"].astype(np.float64)
+        contribution = weights * tf * (K1 + 1) / (tf + K1 * (1 - B + B * length / avgdl))
+        chunks = postings["chunk"]
+        low, high = int(chunks.min()), int(chunks.max())
+        if high - low < 4 * len(chunks) + 1_000_000:
+            # Dense sums over the id range (a knowledge base's ids are mostly contiguous).
+            sums = np.bincount(chunks - low, weights=contribution)
+            ids = np.flatnonzero(sums) + low
+            return ids, sums[ids - low]
+        ids, inverse = np.unique(chunks, return_inverse=True)
+        return ids, np.bincount(inverse, weights=contribution)
 
-def _scores(
-    read: list[_Postings], idf: dict[int, float], avgdl: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Chunk ids and their BM25 sums over the postings read so far."""
-    import numpy as np
-
-    if not read:
-        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64)
-    term_ids = np.concatenate([p.term_ids for p in read])
-    chunk_ids = np.concatenate([p.chunk_ids for p in read])
-    tfs = np.concatenate([p.tfs for p in read]).astype(np.float64)
-    lengths = np.concatenate([p.lengths for p in read]).astype(np.float64)
-    weights = np.fromiter(
-        (idf[t] for t in term_ids.tolist()), dtype=np.float64, count=len(term_ids)
-    )
-    parts = weights * tfs * (K1 + 1) / (tfs + K1 * (1 - B + B * lengths / avgdl))
-    ids, inverse = np.unique(chunk_ids, return_inverse=True)
-    return ids, np.bincount(inverse, weights=parts, minlength=len(ids))
-
-
-async def _postings(
-    session: AsyncSession,
-    term_ids: list[int],
-    chunk_ids: list[int] | None,
-    allowed: set[uuid.UUID] | None,
-) -> _Postings:
-    """The postings of `term_ids` (only of `chunk_ids`, or of chunks of `allowed` documents),
-    as arrays: one aggregated row per term, decoded in C rather than row by row."""
-    import numpy as np
-
-    sqlite = is_sqlite(session)
-    params: dict[str, Any] = {}
-    if sqlite:
-        params["terms"] = json.dumps(term_ids)
-        where = "p.term_id IN (SELECT value FROM json_each(:terms))"
-        aggregate = "json_group_array({})"
-    else:
-        params["terms"] = term_ids
-        where = "p.term_id = ANY(CAST(:terms AS bigint[]))"
-        aggregate = "array_agg({})"
-    joined = ""
-    if chunk_ids is not None:
-        if sqlite:
-            where += " AND p.chunk_id IN (SELECT value FROM json_each(:chunks))"
-            params["chunks"] = json.dumps(chunk_ids)
-        else:
-            where += " AND p.chunk_id = ANY(CAST(:chunks AS bigint[]))"
-            params["chunks"] = chunk_ids
+    ids, scores = score() if len(blocks) < 64 else await asyncio.to_thread(score)
     if allowed is not None:
-        joined = " JOIN chunks c ON c.id = p.chunk_id"
-        if sqlite:
-            where += " AND c.document_id IN (SELECT value FROM json_each(:docs))"
-            params["docs"] = json.dumps([d.hex for d in allowed])
-        else:
-            where += " AND c.document_id = ANY(CAST(:docs AS uuid[]))"
-            params["docs"] = list(allowed)
-    columns = ", ".join(aggregate.format(f"p.{c}") for c in ("chunk_id", "tf", "length"))
-    # Only constants are spliced in; the values are bound.
-    sql = f"SELECT p.term_id, count(*), {columns} FROM chunk_terms p{joined} WHERE {where} GROUP BY p.term_id"  # noqa: S608, E501
-    rows = (await session.execute(text(sql), params)).all()
-    parts: list[list[np.ndarray]] = [[], [], [], []]
-    for term_id, count, *arrays in rows:
-        parts[0].append(np.full(count, term_id, dtype=np.int64))
-        for at, values in enumerate(arrays, start=1):
-            parts[at].append(np.asarray(json.loads(values) if sqlite else values, dtype=np.int64))
-    if not rows:
-        empty = np.empty(0, dtype=np.int64)
-        return _Postings(empty, empty, empty, empty)
-    return _Postings(*(np.concatenate(p) for p in parts))
+        keep = await _chunks_of(session, kb.id, allowed)
+        mask = np.isin(ids, keep)
+        ids, scores = ids[mask], scores[mask]
+    order = np.argsort(-scores, kind="stable")
+    hits: list[Hit] = []
+    at = 0
+    while len(hits) < limit and at < len(order):
+        # The best ones, skipping chunks deleted since their postings were written.
+        want = order[at : at + max(2 * (limit - len(hits)), 16)]
+        at += len(want)
+        live = set((await _live(session, np.sort(ids[want]))).tolist())
+        hits += [Hit(int(ids[i]), float(scores[i])) for i in want if int(ids[i]) in live]
+    return hits[:limit]
+
+
+async def _chunks_of(
+    session: AsyncSession, kb_id: uuid.UUID, documents: set[uuid.UUID]
+) -> np.ndarray:
+    import numpy as np
+
+    ids = (
+        await session.scalars(
+            select(Chunk.id).where(
+                Chunk.knowledge_base_id == kb_id, Chunk.document_id.in_(list(documents))
+            )
+        )
+    ).all()
+    return np.asarray(ids, dtype=np.int64)
 
 
 # Vector search -----------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Knowledge bases, their documents, and the chunks that search finds.
 
 Chunks have an integer id, and keyword terms an integer id per knowledge base: the keyword
-postings (`chunk_terms`) are keyed by both, far smaller than UUIDs per posting.
+postings (`term_blocks`) hold chunk ids under term ids, far smaller than UUIDs.
 
 Index structures that are not ORM tables (created by migration 0006, see `index.py`):
 PostgreSQL's partial HNSW indexes `ix_chunks_embedding_<dims>` on `embedding::vector(dims)`.
@@ -158,24 +158,23 @@ class KeywordTerm(Base):
     df: Mapped[int] = mapped_column(Integer)
 
 
-class ChunkTerm(Base):
-    """A keyword posting: one row per (term, chunk), with the term's frequency in the chunk and
-    the chunk's length, so BM25 is computed from this table and `kb_terms` alone. Keyed by term
-    first: a term's postings are read as one range."""
+class TermBlock(Base):
+    """A block of one term's postings: (chunk id, term frequency, chunk length) records packed
+    as `index.POSTING` (16 bytes each), sorted by chunk id. A document's write adds one small
+    block per term; blocks of a term merge `index.FANOUT` at a time into one of the next level,
+    so a term has a few blocks per level and its postings are read in a few rows. Postings of
+    deleted chunks stay until their block merges (search skips them)."""
 
-    __tablename__ = "chunk_terms"
-    __table_args__ = {"sqlite_with_rowid": False}
+    __tablename__ = "term_blocks"
+    __table_args__ = (Index("ix_term_blocks_term_level", "term_id", "level"),)
 
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
     term_id: Mapped[int] = mapped_column(
         BigInteger().with_variant(Integer, "sqlite"),
         ForeignKey("kb_terms.id", ondelete="CASCADE"),
-        primary_key=True,
     )
-    chunk_id: Mapped[int] = mapped_column(
-        BigInteger().with_variant(Integer, "sqlite"),
-        ForeignKey("chunks.id", ondelete="CASCADE"),
-        primary_key=True,
-        index=True,
-    )
-    tf: Mapped[int] = mapped_column(Integer)
-    length: Mapped[int] = mapped_column(Integer)
+    level: Mapped[int] = mapped_column(Integer)
+    count: Mapped[int] = mapped_column(Integer)
+    postings: Mapped[bytes] = mapped_column(LargeBinary)

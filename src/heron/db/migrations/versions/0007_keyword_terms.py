@@ -1,15 +1,14 @@
 """keyword index: per-knowledge-base terms and postings on both backends (replaces SQLite's FTS5)
 
 The keyword index becomes the same on SQLite and PostgreSQL: `kb_terms` (a knowledge base's
-terms with their document frequency) and `chunk_terms` (postings keyed by term id, then chunk
-id), with terms from `heron.knowledge.terms`. Existing chunks are re-analysed here.
+terms with their document frequency) and `term_blocks` (each term's postings, packed), with
+terms from `heron.knowledge.terms`. Existing chunks are re-analysed here.
 
 Revision ID: 0007
 Revises: 0006
 Create Date: 2026-11-22 05:40:00
 """
 
-from collections import Counter
 from collections.abc import Sequence
 
 import sqlalchemy as sa
@@ -52,33 +51,33 @@ def upgrade() -> None:
         ),
     )
     op.create_table(
-        "chunk_terms",
+        "term_blocks",
+        sa.Column("id", ID, autoincrement=True, nullable=False),
         sa.Column("term_id", ID, nullable=False),
-        sa.Column("chunk_id", ID, nullable=False),
-        sa.Column("tf", sa.Integer(), nullable=False),
-        sa.Column("length", sa.Integer(), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["chunk_id"],
-            ["chunks.id"],
-            name=op.f("fk_chunk_terms_chunk_id_chunks"),
-            ondelete="CASCADE",
-        ),
+        sa.Column("level", sa.Integer(), nullable=False),
+        sa.Column("count", sa.Integer(), nullable=False),
+        sa.Column("postings", sa.LargeBinary(), nullable=False),
         sa.ForeignKeyConstraint(
             ["term_id"],
             ["kb_terms.id"],
-            name=op.f("fk_chunk_terms_term_id_kb_terms"),
+            name=op.f("fk_term_blocks_term_id_kb_terms"),
             ondelete="CASCADE",
         ),
-        sa.PrimaryKeyConstraint("term_id", "chunk_id", name=op.f("pk_chunk_terms")),
-        sqlite_with_rowid=False,
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_term_blocks")),
     )
-    with op.batch_alter_table("chunk_terms", schema=None) as batch_op:
-        batch_op.create_index(batch_op.f("ix_chunk_terms_chunk_id"), ["chunk_id"], unique=False)
+    with op.batch_alter_table("term_blocks", schema=None) as batch_op:
+        batch_op.create_index("ix_term_blocks_term_level", ["term_id", "level"], unique=False)
     _reindex()
 
 
 def _reindex() -> None:
-    """Analyse every existing chunk again: postings, document frequencies, lengths."""
+    """Analyse every existing chunk again: one block of postings per term, document
+    frequencies, lengths."""
+    import math
+
+    import numpy as np
+
+    from heron.knowledge.index import FANOUT, POSTING
     from heron.knowledge.terms import terms
 
     bind = op.get_bind()
@@ -98,16 +97,15 @@ def _reindex() -> None:
         sa.column("term", sa.Text()),
         sa.column("df", sa.Integer()),
     )
-    chunk_terms = sa.table(
-        "chunk_terms",
+    term_blocks = sa.table(
+        "term_blocks",
         sa.column("term_id", ID),
-        sa.column("chunk_id", ID),
-        sa.column("tf", sa.Integer()),
-        sa.column("length", sa.Integer()),
+        sa.column("level", sa.Integer()),
+        sa.column("count", sa.Integer()),
+        sa.column("postings", sa.LargeBinary()),
     )
     for (kb_id,) in bind.execute(sa.select(kbs.c.id)).all():
-        ids: dict[str, int] = {}
-        df: Counter[str] = Counter()
+        postings: dict[str, list[tuple[int, int, int]]] = {}
         total = 0
         after = 0
         while True:
@@ -120,49 +118,54 @@ def _reindex() -> None:
             if not rows:
                 break
             after = rows[-1][0]
-            analysed = [(chunk_id, terms(f"{context}\n{body}")) for chunk_id, context, body in rows]
-            new = sorted({t for _, counts in analysed for t in counts} - ids.keys())
-            for at in range(0, len(new), BATCH):
-                bind.execute(
-                    sa.insert(kb_terms),
-                    [
-                        {"knowledge_base_id": kb_id, "term": t, "df": 0}
-                        for t in new[at : at + BATCH]
-                    ],
-                )
-            if new:
-                ids.update(
-                    bind.execute(
-                        sa.select(kb_terms.c.term, kb_terms.c.id).where(
-                            kb_terms.c.knowledge_base_id == kb_id, kb_terms.c.term.in_(new)
-                        )
-                    )
-                    .tuples()
-                    .all()
-                )
-            postings = []
-            for chunk_id, counts in analysed:
+            lengths = []
+            for chunk_id, context, body in rows:
+                counts = terms(f"{context}\n{body}")
                 length = sum(counts.values())
                 total += length
-                df.update(counts.keys())
-                bind.execute(
-                    sa.update(chunks).where(chunks.c.id == chunk_id).values(term_count=length)
-                )
-                postings += [
-                    {"term_id": ids[t], "chunk_id": chunk_id, "tf": tf, "length": length}
-                    for t, tf in counts.items()
-                ]
-            if postings:
-                bind.execute(sa.insert(chunk_terms), postings)
-        for term, count in df.items():
-            bind.execute(sa.update(kb_terms).where(kb_terms.c.id == ids[term]).values(df=count))
+                lengths.append({"chunk": chunk_id, "length": length})
+                for term, tf in counts.items():
+                    postings.setdefault(term, []).append((chunk_id, tf, length))
+            bind.execute(
+                sa.update(chunks)
+                .where(chunks.c.id == sa.bindparam("chunk"))
+                .values(term_count=sa.bindparam("length")),
+                lengths,
+            )
+        ordered = sorted(postings)
+        for at in range(0, len(ordered), BATCH):
+            bind.execute(
+                sa.insert(kb_terms),
+                [
+                    {"knowledge_base_id": kb_id, "term": t, "df": len(postings[t])}
+                    for t in ordered[at : at + BATCH]
+                ],
+            )
+        found = bind.execute(
+            sa.select(kb_terms.c.term, kb_terms.c.id).where(kb_terms.c.knowledge_base_id == kb_id)
+        )
+        ids = {term: id for term, id in found}
+        for at in range(0, len(ordered), BATCH):
+            bind.execute(
+                sa.insert(term_blocks),
+                [
+                    {
+                        "term_id": ids[t],
+                        # The level a block of this size reaches by merging.
+                        "level": int(math.log(len(postings[t]), FANOUT)),
+                        "count": len(postings[t]),
+                        "postings": np.array(postings[t], dtype=POSTING).tobytes(),
+                    }
+                    for t in ordered[at : at + BATCH]
+                ],
+            )
         bind.execute(sa.update(kbs).where(kbs.c.id == kb_id).values(term_total=total))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("chunk_terms", schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f("ix_chunk_terms_chunk_id"))
-    op.drop_table("chunk_terms")
+    with op.batch_alter_table("term_blocks", schema=None) as batch_op:
+        batch_op.drop_index("ix_term_blocks_term_level")
+    op.drop_table("term_blocks")
     op.drop_table("kb_terms")
     # 0006's structures, rebuilt from the chunks.
     op.create_table(
