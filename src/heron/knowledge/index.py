@@ -38,7 +38,7 @@ from sqlalchemy import delete, select, text, update
 from sqlalchemy import insert as core_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from heron.knowledge.models import Chunk, KeywordTerm, KnowledgeBase, TermBlock
+from heron.knowledge.models import Chunk, KeywordTerm, KnowledgeBase
 from heron.knowledge.terms import query_terms, terms
 
 if TYPE_CHECKING:
@@ -132,12 +132,12 @@ async def write_chunks(
     for n, counts in enumerate(analysed):
         for term, tf in counts.items():
             postings[term].append((ids[n], tf, lengths[n]))
-    term_ids = await _add_terms(session, kb.id, {t: len(p) for t, p in postings.items()})
+    added = await _add_terms(session, kb.id, {t: len(p) for t, p in postings.items()})
     await session.execute(
         _ADD_BLOCK,
         [
             {
-                "term": term_ids[term],
+                "term": added[term][0],
                 "level": 0,
                 "count": len(rows),
                 "postings": np.array(rows, dtype=POSTING).tobytes(),
@@ -145,7 +145,7 @@ async def write_chunks(
             for term, rows in postings.items()
         ],
     )
-    await _merge(session, sorted(term_ids.values()))
+    await _merge(session, added.values())
     await _bump(session, kb.id, len(chunks), sum(lengths))
 
 
@@ -157,14 +157,16 @@ async def _analyse(texts: list[str]) -> list[Counter[str]]:
 
 _ADD_TERMS = {
     # SQLite needs the WHERE to tell the upsert's ON CONFLICT from a join's ON.
-    "sqlite": "INSERT INTO kb_terms (knowledge_base_id, term, df) "
-    "SELECT :kb, key, value FROM json_each(:df) WHERE true "
-    "ON CONFLICT (knowledge_base_id, term) DO UPDATE SET df = df + excluded.df "
-    "RETURNING term, id",
-    "postgresql": "INSERT INTO kb_terms (knowledge_base_id, term, df) "
-    "SELECT :kb, t, d FROM unnest(CAST(:terms AS text[]), CAST(:dfs AS int[])) AS u(t, d) "
-    "ON CONFLICT (knowledge_base_id, term) DO UPDATE SET df = kb_terms.df + excluded.df "
-    "RETURNING term, id",
+    "sqlite": "INSERT INTO kb_terms (knowledge_base_id, term, df, appends) "
+    "SELECT :kb, key, value, 1 FROM json_each(:df) WHERE true "
+    "ON CONFLICT (knowledge_base_id, term) DO UPDATE "
+    "SET df = df + excluded.df, appends = appends + 1 "
+    "RETURNING term, id, appends",
+    "postgresql": "INSERT INTO kb_terms (knowledge_base_id, term, df, appends) "
+    "SELECT :kb, t, d, 1 FROM unnest(CAST(:terms AS text[]), CAST(:dfs AS int[])) AS u(t, d) "
+    "ON CONFLICT (knowledge_base_id, term) DO UPDATE "
+    "SET df = kb_terms.df + excluded.df, appends = kb_terms.appends + 1 "
+    "RETURNING term, id, appends",
 }
 _ADD_BLOCK = text(
     "INSERT INTO term_blocks (term_id, level, count, postings) "
@@ -172,10 +174,13 @@ _ADD_BLOCK = text(
 )
 
 
-async def _add_terms(session: AsyncSession, kb_id: uuid.UUID, df: dict[str, int]) -> dict[str, int]:
-    """Add `df` to the knowledge base's document frequencies (new terms are created); the ids
-    of those terms. In term order, so concurrent writers lock shared terms in the same order
-    (and the row locks keep two writers from merging one term's blocks at once)."""
+async def _add_terms(
+    session: AsyncSession, kb_id: uuid.UUID, df: dict[str, int]
+) -> dict[str, tuple[int, int]]:
+    """Add `df` to the knowledge base's document frequencies (new terms are created) and count
+    a block appended to each; each term's id and appends. In term order, so concurrent writers
+    lock shared terms in the same order (the row locks also keep two writers from merging one
+    term's blocks at once)."""
     ordered = sorted(df)
     params: dict[str, Any]
     if is_sqlite(session):
@@ -184,66 +189,57 @@ async def _add_terms(session: AsyncSession, kb_id: uuid.UUID, df: dict[str, int]
     else:
         params = {"kb": kb_id, "terms": ordered, "dfs": [df[t] for t in ordered]}
         sql = _ADD_TERMS["postgresql"]
-    return {term: id for term, id in await session.execute(text(sql), params)}
+    return {term: (id, appends) for term, id, appends in await session.execute(text(sql), params)}
 
 
-async def _merge(session: AsyncSession, term_ids: list[int]) -> None:
-    """Merge each `FANOUT` blocks of one term and level into one block of the next level, up
-    the levels, dropping postings of chunks that are gone."""
+async def _merge(session: AsyncSession, terms: Iterable[tuple[int, int]]) -> None:
+    """After a term's a-th append, its blocks of levels 0..L merge into one block of level
+    L + 1, L the highest level with a % FANOUT^(L+1) == 0 (a base-FANOUT counter's carry).
+    Merges into level 2 and up drop the postings of chunks that are gone."""
     import numpy as np
 
-    level = 0
-    while term_ids:
-        fragment, values = _ids_param(session, term_ids)
-        full = [
-            term
-            for (term,) in await session.execute(
-                text(
-                    "SELECT term_id FROM term_blocks WHERE level = :level AND term_id "  # noqa: S608
-                    + fragment.format(name="terms")
-                    + " GROUP BY term_id HAVING count(*) >= :fanout"
-                ),
-                {"level": level, "terms": values, "fanout": FANOUT},
-            )
-        ]
-        if not full:
-            return
-        fragment, values = _ids_param(session, full)
-        blocks = (
-            await session.execute(
-                text(
-                    "SELECT id, term_id, postings FROM term_blocks WHERE level = :level "  # noqa: S608
-                    "AND term_id " + fragment.format(name="terms")
-                ),
-                {"level": level, "terms": values},
-            )
-        ).all()
-        grouped: defaultdict[int, list[np.ndarray]] = defaultdict(list)
-        for _, term, data in blocks:
-            grouped[term].append(np.frombuffer(data, dtype=POSTING))
-        merged = {term: np.concatenate(parts) for term, parts in grouped.items()}
-        live = await _live(session, np.unique(np.concatenate(list(merged.values()))["chunk"]))
-        rows = []
-        for term, postings in merged.items():
-            kept = np.sort(postings[np.isin(postings["chunk"], live)], order="chunk")
-            if len(kept):
-                rows.append(
-                    {
-                        "term": term,
-                        "level": level + 1,
-                        "count": len(kept),
-                        "postings": kept.tobytes(),
-                    }
+    carries: defaultdict[int, list[int]] = defaultdict(list)
+    for term_id, appends in terms:
+        level = -1
+        while appends % FANOUT ** (level + 2) == 0:
+            level += 1
+        if level >= 0:
+            carries[level].append(term_id)
+    for level, term_ids in sorted(carries.items()):
+        for at in range(0, len(term_ids), IN_BATCH):
+            fragment, values = _ids_param(session, sorted(term_ids[at : at + IN_BATCH]))
+            taken = (
+                await session.execute(
+                    text(
+                        "DELETE FROM term_blocks WHERE level <= :level "  # noqa: S608
+                        "AND term_id " + fragment.format(name="terms") + " "
+                        "RETURNING term_id, postings"
+                    ),
+                    {"level": level, "terms": values},
                 )
-        block_ids = [id for id, _, _ in blocks]
-        for at in range(0, len(block_ids), IN_BATCH):
-            await session.execute(
-                delete(TermBlock).where(TermBlock.id.in_(block_ids[at : at + IN_BATCH]))
-            )
-        if rows:
-            await session.execute(_ADD_BLOCK, rows)
-        term_ids = full
-        level += 1
+            ).all()
+            grouped: defaultdict[int, list[np.ndarray]] = defaultdict(list)
+            for term, data in taken:
+                grouped[term].append(np.frombuffer(data, dtype=POSTING))
+            merged = {term: np.concatenate(parts) for term, parts in grouped.items()}
+            live = None
+            if level >= 1 and merged:
+                chunks = np.unique(np.concatenate([m["chunk"] for m in merged.values()]))
+                live = await _live(session, chunks)
+            rows = []
+            for term, postings in merged.items():
+                kept = postings if live is None else postings[np.isin(postings["chunk"], live)]
+                if len(kept):
+                    rows.append(
+                        {
+                            "term": term,
+                            "level": level + 1,
+                            "count": len(kept),
+                            "postings": np.sort(kept, order="chunk").tobytes(),
+                        }
+                    )
+            if rows:
+                await session.execute(_ADD_BLOCK, rows)
 
 
 async def _live(session: AsyncSession, chunk_ids: np.ndarray) -> np.ndarray:

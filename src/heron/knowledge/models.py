@@ -156,6 +156,9 @@ class KeywordTerm(Base):
     )
     term: Mapped[str] = mapped_column(Text)
     df: Mapped[int] = mapped_column(Integer)
+    # Blocks appended to the term's postings so far: its digits in base `index.FANOUT` are how
+    # many blocks each level holds, so a write knows which levels to merge without looking.
+    appends: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class TermBlock(Base):

@@ -39,6 +39,7 @@ def upgrade() -> None:
         sa.Column("knowledge_base_id", sa.Uuid(), nullable=False),
         sa.Column("term", sa.Text(), nullable=False),
         sa.Column("df", sa.Integer(), nullable=False),
+        sa.Column("appends", sa.BigInteger(), nullable=False),
         sa.ForeignKeyConstraint(
             ["knowledge_base_id"],
             ["knowledge_bases.id"],
@@ -80,6 +81,10 @@ def _reindex() -> None:
     from heron.knowledge.index import FANOUT, POSTING
     from heron.knowledge.terms import terms
 
+    def level_of(size: int) -> int:
+        """The level a block of this size reaches by merging."""
+        return int(math.log(size, FANOUT))
+
     bind = op.get_bind()
     kbs = sa.table("knowledge_bases", sa.column("id", sa.Uuid()), sa.column("term_total", ID))
     chunks = sa.table(
@@ -96,6 +101,7 @@ def _reindex() -> None:
         sa.column("knowledge_base_id", sa.Uuid()),
         sa.column("term", sa.Text()),
         sa.column("df", sa.Integer()),
+        sa.column("appends", sa.BigInteger()),
     )
     term_blocks = sa.table(
         "term_blocks",
@@ -137,7 +143,13 @@ def _reindex() -> None:
             bind.execute(
                 sa.insert(kb_terms),
                 [
-                    {"knowledge_base_id": kb_id, "term": t, "df": len(postings[t])}
+                    {
+                        "knowledge_base_id": kb_id,
+                        "term": t,
+                        "df": len(postings[t]),
+                        # As if the one block had been merged up to its level.
+                        "appends": FANOUT ** level_of(len(postings[t])),
+                    }
                     for t in ordered[at : at + BATCH]
                 ],
             )
@@ -151,8 +163,7 @@ def _reindex() -> None:
                 [
                     {
                         "term_id": ids[t],
-                        # The level a block of this size reaches by merging.
-                        "level": int(math.log(len(postings[t]), FANOUT)),
+                        "level": level_of(len(postings[t])),
                         "count": len(postings[t]),
                         "postings": np.array(postings[t], dtype=POSTING).tobytes(),
                     }
