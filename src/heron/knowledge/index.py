@@ -192,54 +192,66 @@ async def _add_terms(
     return {term: (id, appends) for term, id, appends in await session.execute(text(sql), params)}
 
 
+_TAKE_BLOCKS = {
+    "sqlite": "DELETE FROM term_blocks WHERE term_id IN (SELECT key FROM json_each(:carries)) "
+    "AND level <= (SELECT value FROM json_each(:carries) WHERE key = term_id) "
+    "RETURNING term_id, postings",
+    "postgresql": "DELETE FROM term_blocks b "
+    "USING unnest(CAST(:terms AS bigint[]), CAST(:levels AS int[])) AS c(term, level) "
+    "WHERE b.term_id = c.term AND b.level <= c.level RETURNING b.term_id, b.postings",
+}
+
+
 async def _merge(session: AsyncSession, terms: Iterable[tuple[int, int]]) -> None:
     """After a term's a-th append, its blocks of levels 0..L merge into one block of level
     L + 1, L the highest level with a % FANOUT^(L+1) == 0 (a base-FANOUT counter's carry).
     Merges into level 2 and up drop the postings of chunks that are gone."""
     import numpy as np
 
-    carries: defaultdict[int, list[int]] = defaultdict(list)
+    carries: dict[int, int] = {}
     for term_id, appends in terms:
         level = -1
         while appends % FANOUT ** (level + 2) == 0:
             level += 1
         if level >= 0:
-            carries[level].append(term_id)
-    for level, term_ids in sorted(carries.items()):
-        for at in range(0, len(term_ids), IN_BATCH):
-            fragment, values = _ids_param(session, sorted(term_ids[at : at + IN_BATCH]))
-            taken = (
-                await session.execute(
-                    text(
-                        "DELETE FROM term_blocks WHERE level <= :level "  # noqa: S608
-                        "AND term_id " + fragment.format(name="terms") + " "
-                        "RETURNING term_id, postings"
-                    ),
-                    {"level": level, "terms": values},
+            carries[term_id] = level
+    if not carries:
+        return
+    ordered = sorted(carries)
+    for at in range(0, len(ordered), IN_BATCH):
+        batch = {term: carries[term] for term in ordered[at : at + IN_BATCH]}
+        params: dict[str, Any]
+        if is_sqlite(session):
+            params = {"carries": json.dumps(batch)}
+            sql = _TAKE_BLOCKS["sqlite"]
+        else:
+            params = {"terms": list(batch), "levels": list(batch.values())}
+            sql = _TAKE_BLOCKS["postgresql"]
+        grouped: defaultdict[int, list[np.ndarray]] = defaultdict(list)
+        for term, data in await session.execute(text(sql), params):
+            grouped[term].append(np.frombuffer(data, dtype=POSTING))
+        merged = {term: np.concatenate(parts) for term, parts in grouped.items()}
+        purged = [term for term in merged if batch[term] >= 1]
+        live = None
+        if purged:
+            chunks = np.unique(np.concatenate([merged[term]["chunk"] for term in purged]))
+            live = await _live(session, chunks)
+        rows = []
+        for term, postings in merged.items():
+            kept = postings
+            if live is not None and batch[term] >= 1:
+                kept = postings[np.isin(postings["chunk"], live)]
+            if len(kept):
+                rows.append(
+                    {
+                        "term": term,
+                        "level": batch[term] + 1,
+                        "count": len(kept),
+                        "postings": np.sort(kept, order="chunk").tobytes(),
+                    }
                 )
-            ).all()
-            grouped: defaultdict[int, list[np.ndarray]] = defaultdict(list)
-            for term, data in taken:
-                grouped[term].append(np.frombuffer(data, dtype=POSTING))
-            merged = {term: np.concatenate(parts) for term, parts in grouped.items()}
-            live = None
-            if level >= 1 and merged:
-                chunks = np.unique(np.concatenate([m["chunk"] for m in merged.values()]))
-                live = await _live(session, chunks)
-            rows = []
-            for term, postings in merged.items():
-                kept = postings if live is None else postings[np.isin(postings["chunk"], live)]
-                if len(kept):
-                    rows.append(
-                        {
-                            "term": term,
-                            "level": level + 1,
-                            "count": len(kept),
-                            "postings": np.sort(kept, order="chunk").tobytes(),
-                        }
-                    )
-            if rows:
-                await session.execute(_ADD_BLOCK, rows)
+        if rows:
+            await session.execute(_ADD_BLOCK, rows)
 
 
 async def _live(session: AsyncSession, chunk_ids: np.ndarray) -> np.ndarray:
