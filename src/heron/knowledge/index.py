@@ -38,7 +38,7 @@ from sqlalchemy import delete, select, text, update
 from sqlalchemy import insert as core_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from heron.knowledge.models import Chunk, KeywordTerm, KnowledgeBase
+from heron.knowledge.models import Chunk, KeywordTerm, KnowledgeBase, TermBlock
 from heron.knowledge.terms import query_terms, terms
 
 if TYPE_CHECKING:
@@ -56,6 +56,7 @@ POSTING = [("chunk", "<i8"), ("tf", "<i4"), ("length", "<i4")]
 """A posting as stored in `term_blocks.postings` (a numpy structured dtype, little-endian)."""
 IN_BATCH = 5000  # values per IN (...) list: under both drivers' 32,767 parameters
 ANALYSE_INLINE_CHARS = 20_000  # more text than this is analysed off the event loop
+SCORE_INLINE_POSTINGS = 50_000  # more postings than this are scored off the event loop
 
 
 @dataclass(frozen=True)
@@ -371,26 +372,15 @@ async def _bm25(
 
     n = kb.chunk_count
     avgdl = max(kb.term_total / n, 1.0)
-    found = (
+    blocks = (
         await session.execute(
-            select(KeywordTerm.id, KeywordTerm.df).where(
+            select(KeywordTerm.df, TermBlock.postings)
+            .join(TermBlock, TermBlock.term_id == KeywordTerm.id)
+            .where(
                 KeywordTerm.knowledge_base_id == kb.id,
                 KeywordTerm.term.in_(words),
                 KeywordTerm.df > 0,
             )
-        )
-    ).all()
-    if not found:
-        return []
-    idf = {id: math.log(1 + (n - df + 0.5) / (df + 0.5)) for id, df in found}
-    fragment, values = _ids_param(session, idf)
-    blocks = (
-        await session.execute(
-            text(
-                "SELECT term_id, postings FROM term_blocks WHERE term_id "  # noqa: S608
-                + fragment.format(name="terms")
-            ),
-            {"terms": values},
         )
     ).all()
     if not blocks:
@@ -399,34 +389,38 @@ async def _bm25(
     def score() -> tuple[np.ndarray, np.ndarray]:
         parts = [np.frombuffer(data, dtype=POSTING) for _, data in blocks]
         postings = np.concatenate(parts)
-        weights = np.repeat([idf[term] for term, _ in blocks], [len(p) for p in parts])
+        idf = [math.log(1 + (n - df + 0.5) / (df + 0.5)) for df, _ in blocks]
+        weights = np.repeat(idf, [len(part) for part in parts])
         tf = postings["tf"].astype(np.float64)
         length = postings["length"].astype(np.float64)
         contribution = weights * tf * (K1 + 1) / (tf + K1 * (1 - B + B * length / avgdl))
         chunks = postings["chunk"]
         low, high = int(chunks.min()), int(chunks.max())
         if high - low < 4 * len(chunks) + 1_000_000:
-            # Dense sums over the id range (a knowledge base's ids are mostly contiguous).
+            # Dense sums over the id range (a knowledge base's ids are mostly contiguous);
+            # every posting adds a positive amount (idf > 0).
             sums = np.bincount(chunks - low, weights=contribution)
             ids = np.flatnonzero(sums) + low
             return ids, sums[ids - low]
         ids, inverse = np.unique(chunks, return_inverse=True)
         return ids, np.bincount(inverse, weights=contribution)
 
-    ids, scores = score() if len(blocks) < 64 else await asyncio.to_thread(score)
+    size = sum(len(data) for _, data in blocks) // 16
+    ids, scores = score() if size < SCORE_INLINE_POSTINGS else await asyncio.to_thread(score)
     if allowed is not None:
         keep = await _chunks_of(session, kb.id, allowed)
         mask = np.isin(ids, keep)
         ids, scores = ids[mask], scores[mask]
-    order = np.argsort(-scores, kind="stable")
     hits: list[Hit] = []
-    at = 0
-    while len(hits) < limit and at < len(order):
-        # The best ones, skipping chunks deleted since their postings were written.
-        want = order[at : at + max(2 * (limit - len(hits)), 16)]
-        at += len(want)
-        live = set((await _live(session, np.sort(ids[want]))).tolist())
-        hits += [Hit(int(ids[i]), float(scores[i])) for i in want if int(ids[i]) in live]
+    seen = 0
+    while len(hits) < limit and seen < len(ids):
+        # The next best ones, skipping chunks deleted since their postings were written.
+        want = min(seen + max(2 * (limit - len(hits)), 16), len(ids))
+        best = np.argpartition(-scores, want - 1)[:want] if want < len(ids) else np.arange(want)
+        best = best[np.argsort(-scores[best], kind="stable")][seen:]
+        seen = want
+        live = set((await _live(session, np.sort(ids[best]))).tolist())
+        hits += [Hit(int(ids[i]), float(scores[i])) for i in best if int(ids[i]) in live]
     return hits[:limit]
 
 
