@@ -4,7 +4,9 @@ A text's terms are its words (runs of letters and digits; `_` and punctuation se
 lower-cased, with diacritics removed, English stop words dropped and the Snowball English
 stemmer (Porter 2, as PostgreSQL's `english` configuration uses) applied. Words longer than
 `MAX_WORD` characters are not terms (hashes, base64, glued garbage). Documents and queries go
-through the same function, so a query finds the forms its words were indexed under.
+through the same function, so a query finds the forms its words were indexed under. Removing
+a chunk analyses its text again to lower document frequencies: a change to this analysis needs
+a migration that re-indexes (as 0007 does).
 """
 
 from __future__ import annotations
