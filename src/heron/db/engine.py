@@ -71,13 +71,16 @@ class Database:
             self.write_engine = self.engine
         # `transaction()`'s engine. PostgreSQL: without the pre-ping round trip on every
         # checkout; its callers try a transaction again when the connection turns out dead.
+        # Half the pool of the other: its transactions are short, and each process' share of
+        # the server's connections grows by half, not double.
         self.transaction_engine = self.write_engine
         if not self.is_sqlite:
+            half = max(1, pool_size // 2)
             self.transaction_engine = create_async_engine(
                 url,
                 echo=echo,
-                pool_size=pool_size,
-                max_overflow=pool_size,
+                pool_size=half,
+                max_overflow=half,
                 pool_pre_ping=False,
                 pool_recycle=1800,
             )
@@ -102,7 +105,7 @@ class Database:
             raw = await conn.get_raw_connection()
             driver: Any = raw.driver_connection  # aiosqlite.Connection
             # aiosqlite has no public "call this on the connection's thread": `_execute` is how
-            # its own methods do it (pinned by tests/test_runs.py's checkpoint tests).
+            # its own methods do it (tests/test_runs_writes.py).
             result: T = await driver._execute(_sqlite_transaction, driver, work)
             return result
 
