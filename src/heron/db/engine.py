@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+import sqlite3
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any, TypeVar
 
-from sqlalchemy import event, text
+import aiosqlite
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
@@ -13,6 +17,9 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.pool import StaticPool
+
+T = TypeVar("T")
 
 
 class Database:
@@ -27,6 +34,10 @@ class Database:
     can't run out of connections. The price: a task must never open a write session while it
     holds another (it would wait for itself). Reads use deferred transactions on a pool of
     `pool_size` connections (and as many more on demand) and run beside the writer (WAL).
+
+    `transaction()` runs a synchronous function as one write transaction: the executor's hot
+    path (a checkpoint per step), where each awaited statement of a session costs several hand-
+    overs between the event loop and the driver.
     """
 
     def __init__(self, url: str, *, pool_size: int = 10, echo: bool = False) -> None:
@@ -43,6 +54,10 @@ class Database:
                 pool_size=1,
                 max_overflow=0,
                 pool_timeout=None,
+                # Every user of the connection ends its transaction itself (sessions and
+                # connections roll back what they began): no second ROLLBACK, one more
+                # hand-over to the driver's thread, on every check-in.
+                pool_reset_on_return=None,
             )
         else:
             self.engine = create_async_engine(
@@ -54,11 +69,45 @@ class Database:
                 pool_recycle=1800,
             )
             self.write_engine = self.engine
+        # `transaction()`'s engine. PostgreSQL: without the pre-ping round trip on every
+        # checkout; its callers try a transaction again when the connection turns out dead.
+        # Half the pool of the other: its transactions are short, and each process' share of
+        # the server's connections grows by half, not double.
+        self.transaction_engine = self.write_engine
+        if not self.is_sqlite:
+            half = max(1, pool_size // 2)
+            self.transaction_engine = create_async_engine(
+                url,
+                echo=echo,
+                pool_size=half,
+                max_overflow=half,
+                pool_pre_ping=False,
+                pool_recycle=1800,
+            )
         self.read_sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self.write_sessions = async_sessionmaker(self.write_engine, expire_on_commit=False)
 
     def session(self, *, write: bool) -> AsyncSession:
         return (self.write_sessions if write else self.read_sessions)()
+
+    async def transaction(self, work: Callable[[Connection], T]) -> T:
+        """`work(connection)` in one write transaction, committed when it returns, rolled back
+        when it raises. `work` is synchronous and must not touch the event loop.
+
+        SQLite: on the write connection's own thread (aiosqlite's), in a single hand-over from
+        the event loop and back, instead of several per statement; still the one writer, taken
+        from the write engine's pool like any write session. PostgreSQL: on a connection of
+        `transaction_engine`, its statements awaited as usual."""
+        if not self.is_sqlite:
+            async with self.transaction_engine.begin() as conn:
+                return await conn.run_sync(work)
+        async with self.write_engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            driver: Any = raw.driver_connection  # aiosqlite.Connection
+            # aiosqlite has no public "call this on the connection's thread": `_execute` is how
+            # its own methods do it (tests/test_runs_writes.py).
+            result: T = await driver._execute(_sqlite_transaction, driver, work)
+            return result
 
     async def ping(self) -> None:
         async with self.engine.connect() as conn:
@@ -68,10 +117,22 @@ class Database:
         await self.engine.dispose()
         if self.write_engine is not self.engine:
             await self.write_engine.dispose()
+        if self.transaction_engine is not self.write_engine:
+            await self.transaction_engine.dispose()
 
 
 def _sqlite_engine(url: str, *, echo: bool, begin: str, **pool: Any) -> AsyncEngine:
-    engine = create_async_engine(url, echo=echo, connect_args={"timeout": 30}, **pool)
+    # The arguments SQLAlchemy would give sqlite3.connect for this URL (file name, uri...).
+    parsed = make_url(url)
+    args, kwargs = parsed.get_dialect()().create_connect_args(parsed)
+    connector = partial(sqlite3.connect, *args, **{**kwargs, "timeout": 30})
+
+    async def connect() -> aiosqlite.Connection:
+        connection = _OneHopConnection(connector, 64)
+        connection._thread.daemon = True  # as SQLAlchemy does: a leaked one can't block exit
+        return await connection
+
+    engine = create_async_engine(url, echo=echo, async_creator=connect, **pool)
 
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -92,6 +153,98 @@ def _sqlite_engine(url: str, *, echo: bool, begin: str, **pool: Any) -> AsyncEng
         conn.exec_driver_sql(begin)
 
     return engine
+
+
+class _OneHopConnection(aiosqlite.Connection):
+    """An aiosqlite connection whose cursors run each statement, with the fetch of its rows,
+    in one hand-over to the connection's thread. aiosqlite's own make one per call (open the
+    cursor, execute, fetch, close: four round trips between the event loop and the thread
+    per statement), and on a busy 2-core machine each costs tens to hundreds of microseconds.
+    Results are read whole, as SQLAlchemy's default (buffered) cursors do anyway."""
+
+    def cursor(self) -> Any:
+        return _OneHopCursor(self)
+
+
+def _run_statement(
+    conn: sqlite3.Connection, sql: str, parameters: Any, many: bool
+) -> tuple[list[Any], Any, int, int | None]:
+    cursor = conn.cursor()
+    try:
+        if many:
+            cursor.executemany(sql, parameters)
+        else:
+            cursor.execute(sql, () if parameters is None else parameters)
+        description = cursor.description
+        rows = cursor.fetchall() if description else []
+        return rows, description, cursor.rowcount, cursor.lastrowid
+    finally:
+        cursor.close()
+
+
+class _OneHopCursor:
+    """The part of aiosqlite's cursor SQLAlchemy uses; rows are kept here once fetched."""
+
+    def __init__(self, conn: _OneHopConnection) -> None:
+        self._conn = conn
+        self._rows: list[Any] = []
+        self.description: Any = None
+        self.rowcount = -1
+        self.lastrowid: int | None = None
+        self.arraysize = 1
+
+    async def __aenter__(self) -> _OneHopCursor:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _run(self, sql: str, parameters: Any, many: bool) -> _OneHopCursor:
+        conn = self._conn
+        on_thread: Any = conn._execute  # aiosqlite's "call this on the connection's thread"
+        self._rows, self.description, self.rowcount, self.lastrowid = await on_thread(
+            _run_statement, conn._conn, sql, parameters, many
+        )
+        return self
+
+    async def execute(self, sql: str, parameters: Any = None) -> _OneHopCursor:
+        return await self._run(sql, parameters, False)
+
+    async def executemany(self, sql: str, parameters: Any) -> _OneHopCursor:
+        return await self._run(sql, parameters, True)
+
+    async def fetchone(self) -> Any:
+        return self._rows.pop(0) if self._rows else None
+
+    async def fetchmany(self, size: int | None = None) -> Sequence[Any]:
+        count = self.arraysize if size is None else size
+        rows, self._rows = self._rows[:count], self._rows[count:]
+        return rows
+
+    async def fetchall(self) -> Sequence[Any]:
+        rows, self._rows = self._rows, []
+        return rows
+
+    async def close(self) -> None:
+        self._rows = []
+
+
+def _sqlite_transaction(driver: Any, work: Callable[[Connection], T]) -> T:
+    """On the thread of the aiosqlite connection `driver`: `work` in a BEGIN IMMEDIATE
+    transaction, through a synchronous engine over the same sqlite3 connection (made once per
+    connection, kept on it)."""
+    engine: Engine | None = getattr(driver, "heron_sync_engine", None)
+    if engine is None:
+        dbapi = driver._conn  # the sqlite3 connection, used on its own thread only
+        # StaticPool: the engine's one connection is the driver's, never closed by it.
+        engine = create_engine("sqlite://", creator=lambda: dbapi, poolclass=StaticPool)
+        driver.heron_sync_engine = engine
+
+    with engine.connect() as conn:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        result = work(conn)
+        conn.commit()
+        return result
 
 
 # SQLSTATEs worth a second try of the whole transaction: serialization failure, deadlock, the

@@ -68,6 +68,9 @@ class MemoryEventLog:
     def __init__(self, retain_seconds: float = 300.0) -> None:
         self._runs: dict[uuid.UUID, _RunLog] = {}
         self._retain = retain_seconds
+        # When ended runs are looked for next: once a second at most, not at every event (a
+        # scan of every run held, each time, cost O(runs) per event with hundreds running).
+        self._next_forget = 0.0
 
     async def append(self, run_id: uuid.UUID, seq: int, type: str, data: dict[str, Any]) -> Event:
         log = self._runs.setdefault(run_id, _RunLog())
@@ -77,7 +80,8 @@ class MemoryEventLog:
             log.ended_at = time.monotonic()
         log.changed.set()
         log.changed = asyncio.Event()
-        self._forget_old()
+        if time.monotonic() >= self._next_forget:
+            self._forget_old()
         return event
 
     async def after(self, run_id: uuid.UUID, seq: int) -> list[Event] | None:
@@ -90,9 +94,15 @@ class MemoryEventLog:
         self, run_id: uuid.UUID, after: int, *, idle: float
     ) -> AsyncIterator[Event | None]:
         seen = after
+        held: _RunLog | None = None
+        read = 0  # how many of `held.events` this follower has looked at
         while True:
             log = self._runs.setdefault(run_id, _RunLog())
-            fresh = [e for e in log.events if e.seq > seen]
+            if log is not held:  # first time, or the run was forgotten and started again
+                held, read = log, 0
+            # Only what was appended since the last look: not the whole list at every event.
+            fresh = [e for e in log.events[read:] if e.seq > seen]
+            read = len(log.events)
             for event in fresh:
                 seen = event.seq
                 yield event
@@ -105,6 +115,7 @@ class MemoryEventLog:
 
     def _forget_old(self) -> None:
         now = time.monotonic()
+        self._next_forget = now + min(1.0, self._retain)
         stale = [
             run_id
             for run_id, log in self._runs.items()

@@ -56,10 +56,9 @@ from pydantic_ai.exceptions import (
     UsageLimitExceeded,
 )
 from pydantic_ai.settings import ModelSettings
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import Connection, delete, func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import aliased
+from sqlalchemy.orm import Session, aliased
 
 from heron.agents.spec import AgentSpec, render_instructions
 from heron.core.crypto import SecretBox
@@ -69,13 +68,13 @@ from heron.db.engine import Database, is_transient
 from heron.knowledge.service import AgentKnowledge, embedder_factory
 from heron.providers import service as providers
 from heron.providers.connection import ProviderConnection
+from heron.providers.models import Provider
 from heron.providers.runtime import HttpClients, ModelRuntime
 from heron.runs import conversation
 from heron.runs.events import EventLog
 from heron.runs.models import Run, RunEvent, RunStatus, Step
 from heron.tenancy.models import Workspace
 from heron.threads.models import Message
-from heron.threads.repository import MessageRepository
 from heron.tools.registry import ToolContext, default_registry
 from heron.tools.toolset import agent_tool
 
@@ -213,10 +212,10 @@ class Leases:
             return
         ctx = self._ctx
 
-        async def work(session: AsyncSession) -> None:
+        def work(conn: Connection) -> None:
             until = utcnow() + LEASE
             for at in range(0, len(held), 500):
-                await session.execute(
+                conn.execute(
                     update(Run)
                     .where(Run.id.in_(held[at : at + 500]), Run.lease_owner == ctx.owner)
                     .values(lease_expires_at=until)
@@ -264,22 +263,39 @@ async def _emit(
     )
 
 
-async def _write(ctx: RunContext, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
-    """`work` in one write transaction, run again from the start after a transient failure.
-
-    A task must not open another write session inside `work`: on SQLite the write engine has a
-    single connection, which this transaction holds."""
+async def _write(ctx: RunContext, work: Callable[[Connection], T]) -> T:
+    """`work` in one write transaction (`Database.transaction`: synchronous, on SQLite in one
+    hand-over to the write connection's thread), run again from the start after a transient
+    failure (a busy database, a connection found dead: the executor's PostgreSQL connections
+    are not pinged before use)."""
     attempt = 1
     while True:
         try:
-            async with ctx.db.session(write=True) as session, session.begin():
-                return await work(session)
+            return await ctx.db.transaction(work)
         except (SQLAlchemyError, OSError) as exc:
             if attempt >= WRITE_ATTEMPTS or not is_transient(exc):
                 raise
             log.warning("run_write_retried", attempt=attempt, error=str(exc)[:300])
             await asyncio.sleep(WRITE_BACKOFF * 2 ** (attempt - 1) * (0.5 + random.random()))  # noqa: S311 (jitter)
             attempt += 1
+
+
+async def _uninterrupted(aw: Awaitable[T]) -> T:
+    """Await `aw` to its end even when this task is cancelled meanwhile; the cancellation is
+    raised once it has ended."""
+    task = asyncio.ensure_future(aw)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.cancelled():
+                raise
+            cancelled = True
+    result = task.result()
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
 
 
 # Fields pydantic-ai fills in on a message once the request is made (a stored prompt has none
@@ -355,31 +371,34 @@ async def _checkpoint(
         return
     seq = progress.next_message_seq
 
-    async def work(session: AsyncSession) -> None:
-        if replaced:
-            await MessageRepository(session, run.workspace_id).delete_ids([r.id for r in replaced])
-        if added:
-            rows = [
-                {"workspace_id": run.workspace_id, "thread_id": run.thread_id, "seq": seq + i} | row
-                for i, row in enumerate(added)
-            ]
-            await session.execute(insert(Message), rows)
-        await _write_progress(session, progress, run_values)
+    rows = [
+        {"workspace_id": run.workspace_id, "thread_id": run.thread_id, "seq": seq + i} | row
+        for i, row in enumerate(added)
+    ]
+    gone = [r.id for r in replaced]
 
-    await _write(ctx, work)
-    progress.stored = kept
-    progress.next_message_seq = seq + len(added)
-    progress.events, progress.steps = [], []
+    def work(conn: Connection) -> None:
+        if gone:
+            conn.execute(
+                delete(Message).where(
+                    Message.workspace_id == run.workspace_id, Message.id.in_(gone)
+                )
+            )
+        if rows:
+            conn.execute(insert(Message), rows)
+        _write_progress(conn, progress, run_values)
 
+    # Once handed over, the transaction ends as a whole (on SQLite its thread commits it
+    # whatever happens to this task): a cancellation meanwhile waits for it, so what is kept in
+    # memory below matches the database (a cancelled run's final write must not insert these
+    # steps and events twice).
+    async def write() -> None:
+        await _write(ctx, work)
+        progress.stored = kept
+        progress.next_message_seq = seq + len(added)
+        progress.events, progress.steps = [], []
 
-async def _steps_done(ctx: RunContext, run: Run) -> int:
-    async with ctx.db.session(write=False) as session:
-        count = await session.scalar(
-            select(func.count())
-            .select_from(Step)
-            .where(Step.workspace_id == run.workspace_id, Step.run_id == run.id)
-        )
-        return int(count or 0)
+    await _uninterrupted(write())
 
 
 # Event ids of an execution that takes over a run start at the next multiple of this: events
@@ -410,107 +429,161 @@ def _owner_is_gone(owner: str | None) -> bool:
     return False
 
 
-async def _write_progress(
-    session: AsyncSession, progress: _Progress, run_values: dict[str, Any]
-) -> None:
+def _write_progress(conn: Connection, progress: _Progress, run_values: dict[str, Any]) -> None:
     """Steps and events since the last checkpoint, the run's new values, a renewed lease."""
     run = progress.run
     if progress.steps:
-        await session.execute(insert(Step), progress.steps)
+        conn.execute(insert(Step), progress.steps)
     if progress.events:
-        await session.execute(insert(RunEvent), progress.events)
+        conn.execute(insert(RunEvent), progress.events)
     values = {"last_event_seq": progress.seq, "lease_expires_at": utcnow() + LEASE, **run_values}
-    await session.execute(
+    conn.execute(
         update(Run).where(Run.id == run.id, Run.workspace_id == run.workspace_id).values(**values)
     )
 
 
-async def _claim(ctx: RunContext, run_id: uuid.UUID) -> tuple[Run, bool] | None:
-    """Take a queued run (or one whose lease lapsed) for this process; True when taken over
-    from an execution that stopped mid-way."""
+@dataclass
+class _Claimed:
+    """A claimed run, with what its execution reads first, all from the claim's transaction."""
 
-    async def work(session: AsyncSession) -> tuple[Run, bool] | None:
-        now = utcnow()
-        earlier = aliased(Run)
-        earlier_active = (
-            select(earlier.id)
-            .where(
-                earlier.thread_id == Run.thread_id,
-                earlier.id < Run.id,
-                earlier.status.in_(
-                    [RunStatus.queued, RunStatus.running, RunStatus.requires_action]
-                ),
-            )
-            .exists()
-        )
-        found = (
-            await session.execute(
-                select(Run, earlier_active).where(Run.id == run_id).with_for_update(of=Run)
-            )
-        ).first()
-        if found is None:
-            return None
-        run, waits_for_earlier = found
-        claimable = run.status == RunStatus.queued or (
-            run.status == RunStatus.running
-            and (
-                run.lease_expires_at is None
-                or run.lease_expires_at < now
-                or run.lease_owner == ctx.owner
-                or _owner_is_gone(run.lease_owner)
-            )
-        )
+    run: Run
+    taken_over: bool  # from an execution that stopped mid-way
+    history: list[Message]
+    allow_private_network: bool
+    providers: list[Provider]
+    steps_done: int
 
-        if not claimable:
-            return None
-        if waits_for_earlier:
-            return None  # a thread's runs go one at a time, in order
-        if (
-            run.status == RunStatus.queued
-            and ctx.per_workspace is not None
-            and not await _has_room(session, run, ctx.per_workspace)
-        ):
-            return None  # stays queued; a run of the workspace that ends wakes it
-        if run.attempts == 0:
-            # The user's message joins the thread when the run starts, not when it was
-            # queued: an enqueued run's message follows the answer to the run before it.
-            prompt = ModelRequest(parts=[UserPromptPart(content=run.input[0]["text"])])
-            role, parts = conversation.api_view(prompt)
-            next_seq = MessageRepository(session, run.workspace_id).next_seq_query(run.thread_id)
-            await session.execute(
-                insert(Message).values(
-                    id=new_id(),
-                    workspace_id=run.workspace_id,
-                    thread_id=run.thread_id,
-                    run_id=run.id,
-                    seq=next_seq,
-                    role=role,
-                    parts=parts,
-                    raw=conversation.dump(prompt),
-                )
-            )
-        taken_over = run.status == RunStatus.running
-        if taken_over:
-            run.last_event_seq = (run.last_event_seq // EPOCH + 1) * EPOCH
-        run.status = RunStatus.running
-        run.started_at = run.started_at or now
-        run.lease_owner = ctx.owner
-        run.lease_expires_at = now + LEASE
-        run.attempts += 1
-        await session.flush()
-        session.expunge(run)
-        return run, taken_over
+
+def _provider_names(spec: dict[str, Any]) -> set[str]:
+    refs = [spec.get("model", ""), *(spec.get("fallbacks") or [])]
+    return {str(ref).split(":", 1)[0] for ref in refs}
+
+
+async def _claim(ctx: RunContext, run_id: uuid.UUID) -> _Claimed | None:
+    """Take a queued run (or one whose lease lapsed) for this process, and read the
+    conversation so far, the workspace and the provider connections it needs: one
+    transaction."""
+
+    def work(conn: Connection) -> _Claimed | None:
+        with Session(bind=conn, expire_on_commit=False) as session:
+            claimed = _claim_in(session, ctx, run_id)
+            session.expunge_all()
+            return claimed
 
     return await _write(ctx, work)
 
 
-async def _has_room(session: AsyncSession, run: Run, cap: int) -> bool:
+# Made once: an alias costs a millisecond or two to build, more than the claim's queries.
+_EARLIER = aliased(Run)
+
+
+def _claim_in(session: Session, ctx: RunContext, run_id: uuid.UUID) -> _Claimed | None:
+    now = utcnow()
+    earlier = _EARLIER
+    earlier_active = (
+        select(earlier.id)
+        .where(
+            earlier.thread_id == Run.thread_id,
+            earlier.id < Run.id,
+            earlier.status.in_([RunStatus.queued, RunStatus.running, RunStatus.requires_action]),
+        )
+        .exists()
+    )
+    found = session.execute(
+        select(Run, earlier_active).where(Run.id == run_id).with_for_update(of=Run)
+    ).first()
+    if found is None:
+        return None
+    run, waits_for_earlier = found
+    claimable = run.status == RunStatus.queued or (
+        run.status == RunStatus.running
+        and (
+            run.lease_expires_at is None
+            or run.lease_expires_at < now
+            or run.lease_owner == ctx.owner
+            or _owner_is_gone(run.lease_owner)
+        )
+    )
+    if not claimable:
+        return None
+    if waits_for_earlier:
+        return None  # a thread's runs go one at a time, in order
+    if (
+        run.status == RunStatus.queued
+        and ctx.per_workspace is not None
+        and not _has_room(session, run, ctx.per_workspace)
+    ):
+        return None  # stays queued; a run of the workspace that ends wakes it
+    if run.attempts == 0:
+        # The user's message joins the thread when the run starts, not when it was
+        # queued: an enqueued run's message follows the answer to the run before it.
+        prompt = ModelRequest(parts=[UserPromptPart(content=run.input[0]["text"])])
+        role, parts = conversation.api_view(prompt)
+        next_seq = (
+            select(func.coalesce(func.max(Message.seq), 0) + 1)
+            .where(Message.workspace_id == run.workspace_id, Message.thread_id == run.thread_id)
+            .scalar_subquery()
+        )
+        session.execute(
+            insert(Message).values(
+                id=new_id(),
+                workspace_id=run.workspace_id,
+                thread_id=run.thread_id,
+                run_id=run.id,
+                seq=next_seq,
+                role=role,
+                parts=parts,
+                raw=conversation.dump(prompt),
+            )
+        )
+    taken_over = run.status == RunStatus.running
+    if taken_over:
+        run.last_event_seq = (run.last_event_seq // EPOCH + 1) * EPOCH
+    run.status = RunStatus.running
+    run.started_at = run.started_at or now
+    run.lease_owner = ctx.owner
+    run.lease_expires_at = now + LEASE
+    run.attempts += 1
+    session.flush()
+    history = session.scalars(
+        select(Message)
+        .where(Message.workspace_id == run.workspace_id, Message.thread_id == run.thread_id)
+        .order_by(Message.seq)
+    ).all()
+    workspace = session.get(Workspace, run.workspace_id)
+    assert workspace is not None
+    providers = session.scalars(
+        select(Provider).where(
+            Provider.workspace_id == run.workspace_id,
+            Provider.name.in_(_provider_names(run.spec)),
+        )
+    ).all()
+    fresh = run.attempts == 1 and run.last_event_seq == 0  # nothing of it written yet
+    steps_done = 0
+    if not fresh:
+        steps_done = int(
+            session.scalar(
+                select(func.count())
+                .select_from(Step)
+                .where(Step.workspace_id == run.workspace_id, Step.run_id == run.id)
+            )
+            or 0
+        )
+    return _Claimed(
+        run=run,
+        taken_over=taken_over,
+        history=list(history),
+        allow_private_network=workspace.allow_private_network,
+        providers=list(providers),
+        steps_done=steps_done,
+    )
+
+
+def _has_room(session: Session, run: Run, cap: int) -> bool:
     """Whether the run's workspace executes fewer than `cap` runs. The workspace's row is
     locked first (PostgreSQL), so claims in several workers can't both take the last place."""
-    await session.execute(
-        select(Workspace.id).where(Workspace.id == run.workspace_id).with_for_update()
-    )
-    running = await session.scalar(
+    session.execute(select(Workspace.id).where(Workspace.id == run.workspace_id).with_for_update())
+    running = session.scalar(
         select(func.count())
         .select_from(Run)
         .where(
@@ -527,11 +600,9 @@ async def execute_run(ctx: RunContext, run_id: uuid.UUID) -> RunStatus | None:
     claimed = await _claim(ctx, run_id)
     if claimed is None:
         return None
-    run, taken_over = claimed
+    run, taken_over = claimed.run, claimed.taken_over
     fresh = run.attempts == 1 and run.last_event_seq == 0  # nothing of it written yet
-    progress = _Progress(
-        run=run, seq=run.last_event_seq, step_index=0 if fresh else await _steps_done(ctx, run)
-    )
+    progress = _Progress(run=run, seq=run.last_event_seq, step_index=claimed.steps_done)
     bound = structlog.get_logger("heron.runs").bind(run_id=str(run.id))
     if fresh:
         await _emit(ctx, progress, "run.queued", {"run_id": str(run.id)})
@@ -545,7 +616,7 @@ async def execute_run(ctx: RunContext, run_id: uuid.UUID) -> RunStatus | None:
     ctx.leases.hold(run.id)
     try:
         async with asyncio.timeout(ctx.run_timeout):
-            status, values, messages = await _loop(ctx, progress)
+            status, values, messages = await _loop(ctx, progress, claimed)
     except asyncio.CancelledError:
         if ctx.stopping:
             raise
@@ -641,32 +712,23 @@ def _usage(values: dict[str, Any], run: Run) -> dict[str, int]:
     }
 
 
-async def _load(
-    ctx: RunContext, progress: _Progress, spec: AgentSpec
-) -> tuple[list[ModelMessage], Workspace, list[ProviderConnection]]:
-    """The conversation so far, the workspace and the provider connections: one read."""
-    run = progress.run
-    async with ctx.db.session(write=False) as session:
-        rows = await MessageRepository(session, run.workspace_id).history(run.thread_id)
-        workspace = await session.get(Workspace, run.workspace_id)
-        assert workspace is not None
-        connections = await providers.connections(
-            session,
-            run.workspace_id,
-            ctx.box,
-            {ref.split(":", 1)[0] for ref in [spec.model, *spec.fallbacks]},
-        )
+def _load(
+    ctx: RunContext, progress: _Progress, claimed: _Claimed
+) -> tuple[list[ModelMessage], list[ProviderConnection]]:
+    """The conversation so far and the provider connections, from what the claim read."""
+    rows = claimed.history
     progress.stored = [_Stored(m.id, m.run_id, m.raw) for m in rows]
     progress.next_message_seq = max((m.seq for m in rows), default=0) + 1
-    return conversation.load([m.raw for m in rows]), workspace, connections
+    connections = [providers.connection_of(row, ctx.box) for row in claimed.providers]
+    return conversation.load([m.raw for m in rows]), connections
 
 
 async def _loop(
-    ctx: RunContext, progress: _Progress
+    ctx: RunContext, progress: _Progress, claimed: _Claimed
 ) -> tuple[RunStatus, dict[str, Any], list[ModelMessage]]:
     run = progress.run
     spec = AgentSpec.model_validate(run.spec)
-    history, workspace, connections = await _load(ctx, progress, spec)
+    history, connections = _load(ctx, progress, claimed)
     deferred = _decisions(run)
     approvals = _Approvals(
         tools=frozenset(name for name, policy in spec.approval.items() if policy == "always"),
@@ -676,7 +738,7 @@ async def _loop(
         history, deferred = conversation.prepare_resume(history)
     instructions = render_instructions(spec, run.variables)
     tool_ctx = ToolContext.for_workspace(
-        run.workspace_id, allow_private_network=workspace.allow_private_network
+        run.workspace_id, allow_private_network=claimed.allow_private_network
     )
     if spec.knowledge_bases:
         knowledge = AgentKnowledge(

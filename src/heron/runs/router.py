@@ -144,7 +144,7 @@ async def create_run(
     run = await service.create_run(session, principal, thread_id, body, _runs(request))
     if body.stream:
         # The stream starts after the transaction committed and the run was queued.
-        return _event_stream(request, principal.workspace_id, run.id, 0)
+        return _event_stream(request, principal.workspace_id, run.id, 0, created=True)
     return JSONResponse(
         run_out(run).model_dump(mode="json"),
         status_code=202,
@@ -165,7 +165,7 @@ async def create_run_and_wait(
     run = await service.create_run(session, principal, thread_id, body, _runs(request))
     run_id, workspace_id = run.id, run.workspace_id
     await commit_now(session)  # the run must be queued before this request waits on it
-    async for event in _events(request, workspace_id, run_id, 0):
+    async for event in _events(request, workspace_id, run_id, 0, created=True):
         if event is not None and (event.type in TERMINAL or event.type == "approval.required"):
             break
     db: Database = request.app.state.db
@@ -238,10 +238,15 @@ async def run_events(
 
 
 def _event_stream(
-    request: Request, workspace_id: uuid.UUID, run_id: uuid.UUID, after: int
+    request: Request,
+    workspace_id: uuid.UUID,
+    run_id: uuid.UUID,
+    after: int,
+    *,
+    created: bool = False,
 ) -> StreamingResponse:
     async def body() -> AsyncIterator[bytes]:
-        async for event in _events(request, workspace_id, run_id, after):
+        async for event in _events(request, workspace_id, run_id, after, created=created):
             if event is None:
                 yield b": keep-alive\n\n"
                 continue
@@ -260,13 +265,26 @@ def _event_stream(
 
 
 async def _events(
-    request: Request, workspace_id: uuid.UUID, run_id: uuid.UUID, after: int
+    request: Request,
+    workspace_id: uuid.UUID,
+    run_id: uuid.UUID,
+    after: int,
+    *,
+    created: bool = False,
 ) -> AsyncIterator[Event | None]:
-    """History from the database, then live events, until the run ends or pauses."""
+    """History from the database, then live events, until the run ends or pauses.
+
+    `created`: the run was created by this request, which committed it and handed it over:
+    nothing of it is in the database yet that the live log (this process' own, or the shared
+    one) won't have, so the stream follows the live log at once."""
     db: Database = request.app.state.db
     runs = _runs(request)
     log: EventLog = runs.events
     keepalive: float = request.app.state.settings.runs.keepalive_seconds
+    if created and after == 0 and (log.shared or runs.is_local(run_id)):
+        async for event in _follow(request, db, log, workspace_id, run_id, 0, keepalive):
+            yield event
+        return
     last = after
     async with db.session(write=False) as session:
         repo = RunRepository(session, workspace_id)
@@ -290,6 +308,20 @@ async def _events(
         async for event in _poll(request, db, workspace_id, run_id, last, keepalive):
             yield event
         return
+    async for event in _follow(request, db, log, workspace_id, run_id, last, keepalive):
+        yield event
+
+
+async def _follow(
+    request: Request,
+    db: Database,
+    log: EventLog,
+    workspace_id: uuid.UUID,
+    run_id: uuid.UUID,
+    last: int,
+    keepalive: float,
+) -> AsyncIterator[Event | None]:
+    """Live events after `last`, until the run ends or pauses."""
     async for event in log.follow(run_id, last, idle=keepalive):
         if event is None:
             if await request.is_disconnected():
@@ -301,6 +333,7 @@ async def _events(
                 return
             yield None
             continue
+        last = event.seq
         yield event
         if event.type in TERMINAL or event.type == "approval.required":
             return
