@@ -35,8 +35,7 @@ class AgentRepository(WorkspaceRepository[Agent]):
     noun = "agent"
 
     async def by_name(self, name: str) -> Agent | None:
-        agent: Agent | None = await self.session.scalar(self.select().where(Agent.name == name))
-        return agent
+        return await self.find_by(name=name)
 
     async def by_id_or_name(self, ref: str) -> Agent:
         """An agent named by its id or its name (as runs and the CLI do)."""
@@ -64,9 +63,7 @@ class VersionRepository(WorkspaceRepository[AgentVersion]):
     noun = "agent version"
 
     async def number(self, agent_id: uuid.UUID, number: int) -> AgentVersion:
-        version: AgentVersion | None = await self.session.scalar(
-            self.select().where(AgentVersion.agent_id == agent_id, AgentVersion.number == number)
-        )
+        version = await self.find_by(agent_id=agent_id, number=number)
         if version is None:
             raise NotFound(f"Agent {agent_id} has no version {number}.")
         return version

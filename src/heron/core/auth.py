@@ -7,6 +7,7 @@ workspace chosen by the `Heron-Workspace` header). Dependencies for handlers:
 
 from __future__ import annotations
 
+import functools
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -14,7 +15,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy import select, update
+from sqlalchemy import Select, bindparam, select, update
 
 from heron.core.errors import BadRequest, Forbidden, NotFound, RateLimited, Unauthorized
 from heron.core.ids import utcnow
@@ -99,22 +100,26 @@ async def get_caller(
     return caller
 
 
+@functools.cache
+def _key_and_creator_role() -> Select[ApiKey, Role]:
+    """Built once, on first use (every request with an API key runs it)."""
+    return (
+        select(ApiKey, Membership.role)
+        .outerjoin(
+            Membership,
+            (Membership.workspace_id == ApiKey.workspace_id)
+            & (Membership.user_id == ApiKey.created_by),
+        )
+        .where(ApiKey.prefix == bindparam("prefix"))
+    )
+
+
 async def _caller_from_key(
     request: Request, session: DbSession, prefix: str, token: str, settings: Settings
 ) -> Caller:
     # A key acts for its creator: with at most the creator's current role, and not at all once
     # the creator has left the workspace. Keys made by an operator (CLI) have no creator.
-    row = (
-        await session.execute(
-            select(ApiKey, Membership.role)
-            .outerjoin(
-                Membership,
-                (Membership.workspace_id == ApiKey.workspace_id)
-                & (Membership.user_id == ApiKey.created_by),
-            )
-            .where(ApiKey.prefix == prefix)
-        )
-    ).first()
+    row = (await session.execute(_key_and_creator_role(), {"prefix": prefix})).first()
     if row is None or not api_key_matches(row[0].key_hash, token):
         raise Unauthorized("The API key is not valid.")
     key, creator_role = row

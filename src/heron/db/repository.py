@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any, ClassVar, Generic, TypeVar
 
-from sqlalchemy import ColumnElement, Select, func, select
+from sqlalchemy import ColumnElement, Select, bindparam, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from heron.core.errors import NotFound
@@ -32,7 +32,17 @@ class WorkspaceRepository(Generic[M]):
         return select(self.model).where(self.model.workspace_id == self.workspace_id)
 
     async def get(self, id: uuid.UUID) -> M | None:
-        row: M | None = await self.session.scalar(self.select().where(self.model.id == id))
+        row: M | None = await self.session.scalar(
+            _where_equal(self.model, ("id",)), {"workspace_id": self.workspace_id, "eq_id": id}
+        )
+        return row
+
+    async def find_by(self, **equal: Any) -> M | None:
+        """The row whose columns equal these values (the first one, if several do)."""
+        params = {f"eq_{column}": value for column, value in equal.items()}
+        row: M | None = await self.session.scalar(
+            _where_equal(self.model, tuple(equal)), {"workspace_id": self.workspace_id, **params}
+        )
         return row
 
     async def get_or_404(self, id: uuid.UUID) -> M:
@@ -61,3 +71,21 @@ class WorkspaceRepository(Generic[M]):
     async def delete(self, row: M) -> None:
         assert row.workspace_id == self.workspace_id
         await self.session.delete(row)
+
+
+# The statements of `get` and `find_by`, by model and columns, each built once: building a
+# statement, with its cache key, costs several times more than running it, on the paths every
+# request takes. (Built on first use, not at import: foreign keys' column types are known only
+# once every model is.)
+_STATEMENTS: dict[tuple[type[Any], tuple[str, ...]], Select[Any]] = {}
+
+
+def _where_equal(model: type[Any], columns: tuple[str, ...]) -> Select[Any]:
+    statement = _STATEMENTS.get((model, columns))
+    if statement is None:
+        statement = select(model).where(
+            model.workspace_id == bindparam("workspace_id"),
+            *(getattr(model, column) == bindparam(f"eq_{column}") for column in columns),
+        )
+        _STATEMENTS[(model, columns)] = statement
+    return statement

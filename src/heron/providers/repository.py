@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+
+from sqlalchemy import Select, bindparam, select
 
 from heron.db.repository import WorkspaceRepository
 from heron.providers.models import Provider
@@ -13,8 +16,18 @@ class ProviderRepository(WorkspaceRepository[Provider]):
     noun = "provider"
 
     async def by_name(self, name: str) -> Provider | None:
-        row: Provider | None = await self.session.scalar(self.select().where(Provider.name == name))
-        return row
+        return await self.find_by(name=name)
 
     async def by_names(self, names: set[str]) -> Sequence[Provider]:
-        return (await self.session.scalars(self.select().where(Provider.name.in_(names)))).all()
+        params = {"workspace_id": self.workspace_id, "names": sorted(names)}
+        return (await self.session.scalars(by_names_statement(), params)).all()
+
+
+@functools.cache
+def by_names_statement() -> Select[Provider]:
+    """A workspace's providers of these `names`. Built once, on first use: the column types of
+    foreign keys are only known once every model is imported."""
+    return select(Provider).where(
+        Provider.workspace_id == bindparam("workspace_id"),
+        Provider.name.in_(bindparam("names", expanding=True)),
+    )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import random
 import socket
@@ -56,9 +57,10 @@ from pydantic_ai.exceptions import (
     UsageLimitExceeded,
 )
 from pydantic_ai.settings import ModelSettings
-from sqlalchemy import Connection, delete, func, insert, select, update
+from sqlalchemy import Connection, Insert, Update, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm.attributes import set_committed_value
 
 from heron.agents.spec import AgentSpec, render_instructions
 from heron.core.crypto import SecretBox
@@ -69,6 +71,7 @@ from heron.knowledge.service import AgentKnowledge, embedder_factory
 from heron.providers import service as providers
 from heron.providers.connection import ProviderConnection
 from heron.providers.models import Provider
+from heron.providers.repository import by_names_statement
 from heron.providers.runtime import HttpClients, ModelRuntime
 from heron.runs import conversation
 from heron.runs.events import EventLog
@@ -385,7 +388,7 @@ async def _checkpoint(
                 )
             )
         if rows:
-            conn.execute(insert(Message), rows)
+            conn.execute(insert_of(Message), rows)
         _write_progress(conn, progress, run_values)
 
     # Once handed over, the transaction ends as a whole (on SQLite its thread commits it
@@ -433,12 +436,29 @@ def _write_progress(conn: Connection, progress: _Progress, run_values: dict[str,
     """Steps and events since the last checkpoint, the run's new values, a renewed lease."""
     run = progress.run
     if progress.steps:
-        conn.execute(insert(Step), progress.steps)
+        conn.execute(insert_of(Step), progress.steps)
     if progress.events:
-        conn.execute(insert(RunEvent), progress.events)
+        conn.execute(insert_of(RunEvent), progress.events)
     values = {"last_event_seq": progress.seq, "lease_expires_at": utcnow() + LEASE, **run_values}
-    conn.execute(
-        update(Run).where(Run.id == run.id, Run.workspace_id == run.workspace_id).values(**values)
+    params = {f"new_{column}": value for column, value in values.items()}
+    params |= {"run_id_": run.id, "workspace_id_": run.workspace_id}
+    conn.execute(_update_run(tuple(values)), params)
+
+
+@functools.cache
+def insert_of(model: type[Any]) -> Insert:
+    return insert(model)
+
+
+@functools.lru_cache(maxsize=256)
+def _update_run(columns: tuple[str, ...]) -> Update:
+    """UPDATE of one run's `columns` (a handful of combinations occur), by bound parameters:
+    built once per combination, as the checkpoint's other statements (building a statement and
+    its cache key costs more than executing it, and a run writes a checkpoint per step)."""
+    return (
+        update(Run)
+        .where(Run.id == bindparam("run_id_"), Run.workspace_id == bindparam("workspace_id_"))
+        .values({column: bindparam(f"new_{column}") for column in columns})
     )
 
 
@@ -473,25 +493,75 @@ async def _claim(ctx: RunContext, run_id: uuid.UUID) -> _Claimed | None:
     return await _write(ctx, work)
 
 
-# Made once: an alias costs a millisecond or two to build, more than the claim's queries.
-_EARLIER = aliased(Run)
+class _ClaimStatements:
+    """The claim's statements, built once, on first use (building a statement costs more than
+    running it; foreign keys' column types are known only once every model is imported)."""
+
+    def __init__(self) -> None:
+        earlier = aliased(Run)
+        self.claim = (
+            select(
+                Run,
+                select(earlier.id)
+                .where(
+                    earlier.thread_id == Run.thread_id,
+                    earlier.id < Run.id,
+                    earlier.status.in_(
+                        [RunStatus.queued, RunStatus.running, RunStatus.requires_action]
+                    ),
+                )
+                .exists(),
+            )
+            .where(Run.id == bindparam("run_id"))
+            .with_for_update(of=Run)
+        )
+        self.insert_prompt = insert(Message).values(
+            seq=select(func.coalesce(func.max(Message.seq), 0) + 1)
+            .where(
+                Message.workspace_id == bindparam("of_workspace"),
+                Message.thread_id == bindparam("of_thread"),
+            )
+            .scalar_subquery()
+        )
+        self.history = (
+            select(Message)
+            .where(
+                Message.workspace_id == bindparam("workspace_id"),
+                Message.thread_id == bindparam("thread_id"),
+            )
+            .order_by(Message.seq)
+        )
+        self.workspace_flags = select(Workspace.allow_private_network).where(
+            Workspace.id == bindparam("workspace_id")
+        )
+        self.lock_workspace = self.workspace_flags.with_for_update()
+        self.running_in_workspace = (
+            select(func.count())
+            .select_from(Run)
+            .where(
+                Run.workspace_id == bindparam("workspace_id"),
+                Run.status == RunStatus.running,
+                Run.id != bindparam("run_id"),
+            )
+        )
+        self.steps_done = (
+            select(func.count())
+            .select_from(Step)
+            .where(
+                Step.workspace_id == bindparam("workspace_id"), Step.run_id == bindparam("run_id")
+            )
+        )
+
+
+@functools.cache
+def _claim_statements() -> _ClaimStatements:
+    return _ClaimStatements()
 
 
 def _claim_in(session: Session, ctx: RunContext, run_id: uuid.UUID) -> _Claimed | None:
     now = utcnow()
-    earlier = _EARLIER
-    earlier_active = (
-        select(earlier.id)
-        .where(
-            earlier.thread_id == Run.thread_id,
-            earlier.id < Run.id,
-            earlier.status.in_([RunStatus.queued, RunStatus.running, RunStatus.requires_action]),
-        )
-        .exists()
-    )
-    found = session.execute(
-        select(Run, earlier_active).where(Run.id == run_id).with_for_update(of=Run)
-    ).first()
+    sql = _claim_statements()
+    found = session.execute(sql.claim, {"run_id": run_id}).first()
     if found is None:
         return None
     run, waits_for_earlier = found
@@ -508,91 +578,70 @@ def _claim_in(session: Session, ctx: RunContext, run_id: uuid.UUID) -> _Claimed 
         return None
     if waits_for_earlier:
         return None  # a thread's runs go one at a time, in order
-    if (
-        run.status == RunStatus.queued
-        and ctx.per_workspace is not None
-        and not _has_room(session, run, ctx.per_workspace)
-    ):
-        return None  # stays queued; a run of the workspace that ends wakes it
+    scope = {"workspace_id": run.workspace_id, "run_id": run.id}
+    allow_private_network: bool | None = None
+    if run.status == RunStatus.queued and ctx.per_workspace is not None:
+        # The workspace's row is locked first (PostgreSQL), so claims in several workers
+        # can't both take its last place.
+        allow_private_network = session.scalar(sql.lock_workspace, scope)
+        if int(session.scalar(sql.running_in_workspace, scope) or 0) >= ctx.per_workspace:
+            return None  # stays queued; a run of the workspace that ends wakes it
+    if allow_private_network is None:
+        allow_private_network = session.scalar(sql.workspace_flags, scope)
     if run.attempts == 0:
         # The user's message joins the thread when the run starts, not when it was
         # queued: an enqueued run's message follows the answer to the run before it.
         prompt = ModelRequest(parts=[UserPromptPart(content=run.input[0]["text"])])
         role, parts = conversation.api_view(prompt)
-        next_seq = (
-            select(func.coalesce(func.max(Message.seq), 0) + 1)
-            .where(Message.workspace_id == run.workspace_id, Message.thread_id == run.thread_id)
-            .scalar_subquery()
-        )
         session.execute(
-            insert(Message).values(
-                id=new_id(),
-                workspace_id=run.workspace_id,
-                thread_id=run.thread_id,
-                run_id=run.id,
-                seq=next_seq,
-                role=role,
-                parts=parts,
-                raw=conversation.dump(prompt),
-            )
+            sql.insert_prompt,
+            {
+                "id": new_id(),
+                "workspace_id": run.workspace_id,
+                "thread_id": run.thread_id,
+                "run_id": run.id,
+                "role": role,
+                "parts": parts,
+                "raw": conversation.dump(prompt),
+                "of_workspace": run.workspace_id,
+                "of_thread": run.thread_id,
+            },
         )
     taken_over = run.status == RunStatus.running
-    if taken_over:
-        run.last_event_seq = (run.last_event_seq // EPOCH + 1) * EPOCH
-    run.status = RunStatus.running
-    run.started_at = run.started_at or now
-    run.lease_owner = ctx.owner
-    run.lease_expires_at = now + LEASE
-    run.attempts += 1
-    session.flush()
+    claim = {
+        "status": RunStatus.running,
+        "started_at": run.started_at or now,
+        "lease_owner": ctx.owner,
+        "lease_expires_at": now + LEASE,
+        "attempts": run.attempts + 1,
+        "last_event_seq": (
+            (run.last_event_seq // EPOCH + 1) * EPOCH if taken_over else run.last_event_seq
+        ),
+    }
+    session.execute(
+        _update_run(tuple(claim)),
+        {f"new_{column}": value for column, value in claim.items()}
+        | {"run_id_": run.id, "workspace_id_": run.workspace_id},
+    )
+    for column, value in claim.items():
+        set_committed_value(run, column, value)  # as written: nothing left for a flush
     history = session.scalars(
-        select(Message)
-        .where(Message.workspace_id == run.workspace_id, Message.thread_id == run.thread_id)
-        .order_by(Message.seq)
+        sql.history, {"workspace_id": run.workspace_id, "thread_id": run.thread_id}
     ).all()
-    workspace = session.get(Workspace, run.workspace_id)
-    assert workspace is not None
+    names = sorted(_provider_names(run.spec))
     providers = session.scalars(
-        select(Provider).where(
-            Provider.workspace_id == run.workspace_id,
-            Provider.name.in_(_provider_names(run.spec)),
-        )
+        by_names_statement(), {"workspace_id": run.workspace_id, "names": names}
     ).all()
     fresh = run.attempts == 1 and run.last_event_seq == 0  # nothing of it written yet
-    steps_done = 0
-    if not fresh:
-        steps_done = int(
-            session.scalar(
-                select(func.count())
-                .select_from(Step)
-                .where(Step.workspace_id == run.workspace_id, Step.run_id == run.id)
-            )
-            or 0
-        )
+    steps_done = 0 if fresh else int(session.scalar(sql.steps_done, scope) or 0)
     return _Claimed(
         run=run,
         taken_over=taken_over,
         history=list(history),
-        allow_private_network=workspace.allow_private_network,
+        allow_private_network=bool(allow_private_network),
         providers=list(providers),
         steps_done=steps_done,
     )
-
-
-def _has_room(session: Session, run: Run, cap: int) -> bool:
-    """Whether the run's workspace executes fewer than `cap` runs. The workspace's row is
-    locked first (PostgreSQL), so claims in several workers can't both take the last place."""
-    session.execute(select(Workspace.id).where(Workspace.id == run.workspace_id).with_for_update())
-    running = session.scalar(
-        select(func.count())
-        .select_from(Run)
-        .where(
-            Run.workspace_id == run.workspace_id,
-            Run.status == RunStatus.running,
-            Run.id != run.id,
-        )
-    )
-    return int(running or 0) < cap
 
 
 async def execute_run(ctx: RunContext, run_id: uuid.UUID) -> RunStatus | None:

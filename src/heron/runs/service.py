@@ -6,12 +6,13 @@ commits (`after_commit`), so a worker never looks for a run that isn't there yet
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Sequence
 from datetime import date, datetime
 from typing import Any, Literal
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, bindparam, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from heron.agents.references import check_references
@@ -40,13 +41,8 @@ class RunRepository(WorkspaceRepository[Run]):
         return await self.page(params, Run.thread_id == thread_id)
 
     async def active_on(self, thread_id: uuid.UUID) -> Sequence[Run]:
-        return (
-            await self.session.scalars(
-                self.select()
-                .where(Run.thread_id == thread_id, Run.status.in_(ACTIVE))
-                .order_by(Run.id)
-            )
-        ).all()
+        params = {"workspace_id": self.workspace_id, "thread_id": thread_id}
+        return (await self.session.scalars(_active_on(), params)).all()
 
     async def steps(self, run_id: uuid.UUID) -> Sequence[Step]:
         return (
@@ -69,6 +65,20 @@ class RunRepository(WorkspaceRepository[Run]):
                 .order_by(RunEvent.seq)
             )
         ).all()
+
+
+@functools.cache
+def _active_on() -> Select[Run]:
+    # Built once, on first use (foreign keys' column types are known once all models are).
+    return (
+        select(Run)
+        .where(
+            Run.workspace_id == bindparam("workspace_id"),
+            Run.thread_id == bindparam("thread_id"),
+            Run.status.in_(ACTIVE),
+        )
+        .order_by(Run.id)
+    )
 
 
 async def create_run(
