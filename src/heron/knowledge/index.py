@@ -25,6 +25,7 @@ Document filters arrive as a set of allowed document ids and apply before the to
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 import threading
@@ -34,7 +35,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, select, text, update
+from sqlalchemy import Select, bindparam, delete, select, text, update
 from sqlalchemy import insert as core_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -361,6 +362,21 @@ async def keyword_search(
     return hits[:limit]
 
 
+@functools.cache
+def _blocks_of_terms() -> Select[int, bytes]:
+    """The posting blocks of a knowledge base's terms: built once, on first use (every keyword
+    search runs it; building a statement costs more than running it)."""
+    return (
+        select(KeywordTerm.df, TermBlock.postings)
+        .join(TermBlock, TermBlock.term_id == KeywordTerm.id)
+        .where(
+            KeywordTerm.knowledge_base_id == bindparam("kb"),
+            KeywordTerm.term.in_(bindparam("words", expanding=True)),
+            KeywordTerm.df > 0,
+        )
+    )
+
+
 async def _bm25(
     session: AsyncSession,
     kb: KnowledgeBase,
@@ -372,17 +388,7 @@ async def _bm25(
 
     n = kb.chunk_count
     avgdl = max(kb.term_total / n, 1.0)
-    blocks = (
-        await session.execute(
-            select(KeywordTerm.df, TermBlock.postings)
-            .join(TermBlock, TermBlock.term_id == KeywordTerm.id)
-            .where(
-                KeywordTerm.knowledge_base_id == kb.id,
-                KeywordTerm.term.in_(words),
-                KeywordTerm.df > 0,
-            )
-        )
-    ).all()
+    blocks = (await session.execute(_blocks_of_terms(), {"kb": kb.id, "words": words})).all()
     if not blocks:
         return []
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, func, select
+from sqlalchemy import ColumnElement, Select, bindparam, func, select
 
 from heron.core.errors import NotFound
 from heron.core.pagination import PageParams
@@ -20,10 +21,7 @@ class KnowledgeBaseRepository(WorkspaceRepository[KnowledgeBase]):
     noun = "knowledge base"
 
     async def by_name(self, name: str) -> KnowledgeBase | None:
-        row: KnowledgeBase | None = await self.session.scalar(
-            self.select().where(KnowledgeBase.name == name)
-        )
-        return row
+        return await self.find_by(name=name)
 
     async def find(self, ref: str) -> KnowledgeBase | None:
         """The knowledge base with this id, else with this name."""
@@ -40,12 +38,8 @@ class KnowledgeBaseRepository(WorkspaceRepository[KnowledgeBase]):
 
     async def many_or_404(self, ids: Sequence[uuid.UUID]) -> list[KnowledgeBase]:
         """The knowledge bases with these ids, in that order; 404 naming the first missing."""
-        rows = {
-            kb.id: kb
-            for kb in await self.session.scalars(
-                self.select().where(KnowledgeBase.id.in_(set(ids)))
-            )
-        }
+        params = {"workspace_id": self.workspace_id, "ids": list(set(ids))}
+        rows = {kb.id: kb for kb in await self.session.scalars(_kbs_by_ids(), params)}
         for id in ids:
             if id not in rows:
                 raise NotFound(f"No {self.noun} with id {id} in this workspace.")
@@ -109,9 +103,30 @@ class ChunkRepository:
     async def with_documents(self, ids: Sequence[int]) -> dict[int, tuple[Chunk, Document]]:
         if not ids:
             return {}
-        rows = await self.session.execute(
-            select(Chunk, Document)
-            .join(Document, Document.id == Chunk.document_id)
-            .where(Chunk.workspace_id == self.workspace_id, Chunk.id.in_(list(ids)))
-        )
+        params = {"workspace_id": self.workspace_id, "ids": list(ids)}
+        rows = await self.session.execute(_chunks_with_documents(), params)
         return {chunk.id: (chunk, document) for chunk, document in rows}
+
+
+# Statements every search runs, built once, on first use (building a statement costs more than
+# running it; foreign keys' column types are known only once every model is imported).
+
+
+@functools.cache
+def _kbs_by_ids() -> Select[KnowledgeBase]:
+    return select(KnowledgeBase).where(
+        KnowledgeBase.workspace_id == bindparam("workspace_id"),
+        KnowledgeBase.id.in_(bindparam("ids", expanding=True)),
+    )
+
+
+@functools.cache
+def _chunks_with_documents() -> Select[Chunk, Document]:
+    return (
+        select(Chunk, Document)
+        .join(Document, Document.id == Chunk.document_id)
+        .where(
+            Chunk.workspace_id == bindparam("workspace_id"),
+            Chunk.id.in_(bindparam("ids", expanding=True)),
+        )
+    )
