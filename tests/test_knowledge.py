@@ -546,6 +546,29 @@ async def test_one_search_covers_several_knowledge_bases(
     assert refused.status_code == 404
 
 
+async def test_searches_answer_while_a_write_transaction_holds_the_database(
+    client: httpx.AsyncClient, alice: Tenant, db: Database
+) -> None:
+    # A search is a POST that only reads: it never waits for SQLite's single writer, which a
+    # run's checkpoint or an ingestion batch may hold.
+    kb = await create_kb(client, alice, "while-writing")
+    await add(client, alice, kb["id"], text=HERONS, title="Herons")
+    await wait_idle(client, alice, kb["id"])
+    async with db.session(write=True) as writer, writer.begin():
+        await writer.execute(select(func.count()).select_from(Chunk))  # the writer is taken
+        async with asyncio.timeout(30):
+            for mode in ("keyword", "vector", "hybrid"):
+                found = await search(client, alice, kb["id"], "where do herons nest", mode=mode)
+                assert found, mode
+            many = await client.post(
+                "/api/knowledge-bases/search",
+                json={"query": "heronries", "knowledge_bases": [kb["id"]]},
+                headers=alice.headers,
+            )
+            assert many.status_code == 200, many.text
+            assert many.json()["results"]
+
+
 @pytest.mark.parametrize("mode", ["keyword", "vector", "hybrid"])
 async def test_an_empty_knowledge_base_finds_nothing(
     client: httpx.AsyncClient, alice: Tenant, mode: str

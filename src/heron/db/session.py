@@ -21,7 +21,17 @@ def get_database(request: Request) -> Database:
 
 
 def is_write_request(request: Request) -> bool:
-    return request.method not in _READ_METHODS
+    return request.method not in _READ_METHODS and not getattr(request.state, "reads_only", False)
+
+
+def reads_only(request: Request) -> None:
+    """A route dependency (`dependencies=[READS_ONLY]`, resolved before the route's own): the
+    request only reads, whatever its method (a search is a POST), so its transaction is a read
+    one; on SQLite it then doesn't take the single writer."""
+    request.state.reads_only = True
+
+
+READS_ONLY = Depends(reads_only)
 
 
 def after_commit(session: AsyncSession, callback: Callable[[], object]) -> None:

@@ -15,7 +15,7 @@ from heron.core.errors import problem_responses
 from heron.core.pagination import Page, PageQuery, make_page
 from heron.core.routing import JsonRoute
 from heron.db.engine import Database
-from heron.db.session import DbSession
+from heron.db.session import READS_ONLY, DbSession
 from heron.knowledge import service
 from heron.knowledge.models import Document, DocumentStatus, KnowledgeBase
 from heron.knowledge.repository import DocumentRepository, KnowledgeBaseRepository
@@ -257,17 +257,14 @@ async def _search(
     kb_ids: list[uuid.UUID],
     body: SearchRequest,
 ) -> SearchResponse:
-    # A search only reads: the request's transaction (a write one, for a POST) ends here, so
-    # on SQLite it doesn't hold the write lock while it embeds and ranks.
-    await session.commit()
-    db: Database = request.app.state.db
-    async with db.session(write=False) as reader:
-        kbs = await KnowledgeBaseRepository(reader, workspace_id).many_or_404(kb_ids)
-        results = await service.search(reader, workspace_id, kbs, body, _embedders(request))
+    # A search only reads, and its request's transaction is a read one (READS_ONLY): on
+    # SQLite it never takes the single writer, whatever runs meanwhile.
+    kbs = await KnowledgeBaseRepository(session, workspace_id).many_or_404(kb_ids)
+    results = await service.search(session, workspace_id, kbs, body, _embedders(request))
     return SearchResponse(results=results, mode=body.mode)
 
 
-@router.post("/search", summary="Search several knowledge bases at once")
+@router.post("/search", summary="Search several knowledge bases at once", dependencies=[READS_ONLY])
 async def search_many(
     request: Request, session: DbSession, principal: Reader, body: MultiSearchRequest
 ) -> SearchResponse:
@@ -275,7 +272,11 @@ async def search_many(
     return await _search(request, session, principal.workspace_id, body.knowledge_bases, query)
 
 
-@router.post("/{kb_id}/search", summary="Search a knowledge base: hybrid, vector or keyword")
+@router.post(
+    "/{kb_id}/search",
+    summary="Search a knowledge base: hybrid, vector or keyword",
+    dependencies=[READS_ONLY],
+)
 async def search_one(
     request: Request, session: DbSession, principal: Reader, kb_id: uuid.UUID, body: SearchRequest
 ) -> SearchResponse:
