@@ -724,6 +724,18 @@ async def test_batches_keep_the_order_of_the_texts(embedder: LocalEmbedder) -> N
     assert np.allclose(together, await embedder.embed(texts), atol=1e-4)
 
 
+async def test_a_query_does_not_wait_for_an_ingestion_batch(embedder: LocalEmbedder) -> None:
+    # Long texts: the batch takes seconds on the embedder's batch thread; the query, on its
+    # own session and thread, answers while the batch still runs.
+    texts = [" ".join(f"w{n}x{i}" for i in range(200)) for n in range(48)]
+    batch = asyncio.create_task(embedder.embed(texts))
+    await asyncio.sleep(0.05)  # the batch has started
+    vector = await embedder.embed_query("where do herons nest")
+    assert not batch.done()
+    assert vector.shape == (384,)
+    assert (await batch).shape == (48, 384)
+
+
 async def test_long_texts_are_truncated_to_256_tokens(embedder: LocalEmbedder) -> None:
     words = [f"w{i}" for i in range(600)]
     counter = minilm_token_counter()

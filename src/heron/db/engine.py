@@ -41,6 +41,10 @@ class Database:
     """
 
     def __init__(self, url: str, *, pool_size: int = 10, echo: bool = False) -> None:
+        # Every model, before any statement is built: a foreign key's column type is known
+        # only once the model it refers to is (the statements built once, on first use, keep
+        # the types they saw).
+        import heron.db.models  # noqa: F401
         self.url = make_url(url)
         self.is_sqlite = self.url.get_backend_name() == "sqlite"
         if self.is_sqlite:

@@ -100,14 +100,12 @@ class LocalEmbedder:
         self.threads = threads or default_threads()
         self._model_path = model_path
         self._session: onnxruntime.InferenceSession | None = None
-        # Queries (one text) run on a session of their own, with one thread: a batch of one
-        # is faster without the hand-overs between threads (p50 12.0 against 14.2 ms, p95 20
-        # against 25 ms, interleaved on this 2-core machine), and a search never queues behind
-        # an ingestion batch.
+        # Queries (one text) run on a session and a thread of their own: a search never
+        # queues behind an ingestion batch.
         self._query_session: onnxruntime.InferenceSession | None = None
         self._tokenizer: Tokenizer | None = None
         self._load_lock = threading.Lock()
-        # One thread runs every batch inference of this embedder: batches queue instead of
+        # One thread runs every batch of this embedder: batches queue instead of
         # competing for the same cores, and the event loop's default pool stays free.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="heron-embed")
         self._query_executor = ThreadPoolExecutor(
@@ -154,7 +152,7 @@ class LocalEmbedder:
             tokenizer.enable_truncation(max_length=self.max_tokens or 256)
             tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")  # noqa: S106 - not a secret
             self._tokenizer = tokenizer
-            self._query_session = session(1)
+            self._query_session = session(self.threads)
             self._session = session(self.threads)
 
     async def embed(self, texts: list[str]) -> Vectors:
