@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import functools
+import json
 import os
 import random
 import socket
@@ -22,7 +24,7 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import jsonschema
@@ -57,7 +59,19 @@ from pydantic_ai.exceptions import (
     UsageLimitExceeded,
 )
 from pydantic_ai.settings import ModelSettings
-from sqlalchemy import Connection, Insert, Update, bindparam, delete, func, insert, select, update
+from sqlalchemy import (
+    Connection,
+    Insert,
+    TextClause,
+    Update,
+    bindparam,
+    delete,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.orm.attributes import set_committed_value
@@ -387,6 +401,9 @@ async def _checkpoint(
                     Message.workspace_id == run.workspace_id, Message.id.in_(gone)
                 )
             )
+        if conn.dialect.name == "postgresql":
+            _write_progress_postgres(conn, progress, run_values, rows)
+            return
         if rows:
             conn.execute(insert_of(Message), rows)
         _write_progress(conn, progress, run_values)
@@ -443,6 +460,68 @@ def _write_progress(conn: Connection, progress: _Progress, run_values: dict[str,
     params = {f"new_{column}": value for column, value in values.items()}
     params |= {"run_id_": run.id, "workspace_id_": run.workspace_id}
     conn.execute(_update_run(tuple(values)), params)
+
+
+def _write_progress_postgres(
+    conn: Connection,
+    progress: _Progress,
+    run_values: dict[str, Any],
+    messages: list[dict[str, Any]],
+) -> None:
+    """`_write_progress` and the new messages' INSERT in one statement, so one round trip to
+    the server: the rows go as JSON arrays, each expanded by `json_populate_recordset` in a
+    data-modifying CTE of the run's UPDATE (three to four fewer round trips per checkpoint,
+    each a step's worth of latency on a remote server)."""
+    run = progress.run
+    now = utcnow()
+    tables = {
+        Message.__tablename__: messages,
+        Step.__tablename__: progress.steps,
+        RunEvent.__tablename__: progress.events,
+    }
+    present = tuple(name for name, rows in tables.items() if rows)
+    values = {"last_event_seq": progress.seq, "lease_expires_at": now + LEASE, **run_values}
+    params: dict[str, Any] = {f"new_{column}": value for column, value in values.items()}
+    params |= {"run_id_": run.id, "workspace_id_": run.workspace_id}
+    for name in present:
+        records = [
+            {"id": new_id(), "created_at": now, "updated_at": now} | row for row in tables[name]
+        ]
+        params[name] = json.dumps(records, default=_json_value, separators=(",", ":"))
+    conn.execute(_checkpoint_statement(present, tuple(values)), params)
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, (uuid.UUID, enum.Enum)):
+        return str(value.value if isinstance(value, enum.Enum) else value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+@functools.lru_cache(maxsize=256)
+def _checkpoint_statement(tables: tuple[str, ...], columns: tuple[str, ...]) -> TextClause:
+    """PostgreSQL: INSERTs of `tables`' rows (each from a JSON array parameter named after the
+    table) as CTEs of the UPDATE of the run's `columns`. Only the models' own table and column
+    names are spliced in (an unknown one raises KeyError below), never input."""
+    metadata = Run.metadata.tables
+    ctes = []
+    for at, name in enumerate(tables):
+        names = ", ".join(f'"{column.name}"' for column in metadata[name].columns)
+        ctes.append(
+            f"i{at} AS (INSERT INTO {name} ({names}) SELECT {names} "  # noqa: S608
+            f"FROM json_populate_recordset(NULL::{name}, CAST(:{name} AS json)))"
+        )
+    sets = ", ".join(f'"{column}" = :new_{column}' for column in columns)
+    sql = f"UPDATE runs SET {sets} WHERE id = :run_id_ AND workspace_id = :workspace_id_"  # noqa: S608
+    if ctes:
+        sql = "WITH " + ", ".join(ctes) + " " + sql
+    run = Run.__table__.c
+    return text(sql).bindparams(
+        bindparam("run_id_", type_=run.id.type),
+        bindparam("workspace_id_", type_=run.workspace_id.type),
+        *(bindparam(f"new_{column}", type_=run[column].type) for column in columns),
+    )
 
 
 @functools.cache
