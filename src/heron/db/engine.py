@@ -45,6 +45,7 @@ class Database:
         # only once the model it refers to is (the statements built once, on first use, keep
         # the types they saw).
         import heron.db.models  # noqa: F401
+
         self.url = make_url(url)
         self.is_sqlite = self.url.get_backend_name() == "sqlite"
         if self.is_sqlite:
