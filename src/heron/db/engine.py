@@ -65,14 +65,7 @@ class Database:
                 pool_reset_on_return=None,
             )
         else:
-            self.engine = create_async_engine(
-                url,
-                echo=echo,
-                pool_size=pool_size,
-                max_overflow=pool_size,
-                pool_pre_ping=True,
-                pool_recycle=1800,
-            )
+            self.engine = _postgres_engine(url, echo=echo, pool_size=pool_size, pre_ping=True)
             self.write_engine = self.engine
         # `transaction()`'s engine. PostgreSQL: without the pre-ping round trip on every
         # checkout; its callers try a transaction again when the connection turns out dead.
@@ -81,13 +74,8 @@ class Database:
         self.transaction_engine = self.write_engine
         if not self.is_sqlite:
             half = max(1, pool_size // 2)
-            self.transaction_engine = create_async_engine(
-                url,
-                echo=echo,
-                pool_size=half,
-                max_overflow=half,
-                pool_pre_ping=False,
-                pool_recycle=1800,
+            self.transaction_engine = _postgres_engine(
+                url, echo=echo, pool_size=half, pre_ping=False
             )
         self.read_sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self.write_sessions = async_sessionmaker(self.write_engine, expire_on_commit=False)
@@ -124,6 +112,17 @@ class Database:
             await self.write_engine.dispose()
         if self.transaction_engine is not self.write_engine:
             await self.transaction_engine.dispose()
+
+
+def _postgres_engine(url: str, *, echo: bool, pool_size: int, pre_ping: bool) -> AsyncEngine:
+    return create_async_engine(
+        url,
+        echo=echo,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=pre_ping,
+        pool_recycle=1800,
+    )
 
 
 def _sqlite_engine(url: str, *, echo: bool, begin: str, **pool: Any) -> AsyncEngine:

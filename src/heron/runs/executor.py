@@ -405,7 +405,7 @@ async def _checkpoint(
             _write_progress_postgres(conn, progress, run_values, rows)
             return
         if rows:
-            conn.execute(insert_of(Message), rows)
+            conn.execute(_insert_of(Message), rows)
         _write_progress(conn, progress, run_values)
 
     # Once handed over, the transaction ends as a whole (on SQLite its thread commits it
@@ -453,13 +453,11 @@ def _write_progress(conn: Connection, progress: _Progress, run_values: dict[str,
     """Steps and events since the last checkpoint, the run's new values, a renewed lease."""
     run = progress.run
     if progress.steps:
-        conn.execute(insert_of(Step), progress.steps)
+        conn.execute(_insert_of(Step), progress.steps)
     if progress.events:
-        conn.execute(insert_of(RunEvent), progress.events)
-    values = {"last_event_seq": progress.seq, "lease_expires_at": utcnow() + LEASE, **run_values}
-    params = {f"new_{column}": value for column, value in values.items()}
-    params |= {"run_id_": run.id, "workspace_id_": run.workspace_id}
-    conn.execute(_update_run(tuple(values)), params)
+        conn.execute(_insert_of(RunEvent), progress.events)
+    values = _progress_values(progress, run_values, utcnow())
+    conn.execute(_update_run(tuple(values)), _run_params(run, values))
 
 
 def _write_progress_postgres(
@@ -480,9 +478,8 @@ def _write_progress_postgres(
         RunEvent.__tablename__: progress.events,
     }
     present = tuple(name for name, rows in tables.items() if rows)
-    values = {"last_event_seq": progress.seq, "lease_expires_at": now + LEASE, **run_values}
-    params: dict[str, Any] = {f"new_{column}": value for column, value in values.items()}
-    params |= {"run_id_": run.id, "workspace_id_": run.workspace_id}
+    values = _progress_values(progress, run_values, now)
+    params = _run_params(run, values)
     for name in present:
         records = [
             {"id": new_id(), "created_at": now, "updated_at": now} | row for row in tables[name]
@@ -524,8 +521,21 @@ def _checkpoint_statement(tables: tuple[str, ...], columns: tuple[str, ...]) -> 
     )
 
 
+def _progress_values(
+    progress: _Progress, run_values: dict[str, Any], now: datetime
+) -> dict[str, Any]:
+    """What a checkpoint sets on the run: its last event, a renewed lease, `run_values`."""
+    return {"last_event_seq": progress.seq, "lease_expires_at": now + LEASE, **run_values}
+
+
+def _run_params(run: Run, values: dict[str, Any]) -> dict[str, Any]:
+    """The parameters of `_update_run(tuple(values))` (or `_checkpoint_statement`'s UPDATE)."""
+    params = {f"new_{column}": value for column, value in values.items()}
+    return params | {"run_id_": run.id, "workspace_id_": run.workspace_id}
+
+
 @functools.cache
-def insert_of(model: type[Any]) -> Insert:
+def _insert_of(model: type[Any]) -> Insert:
     return insert(model)
 
 
@@ -697,11 +707,7 @@ def _claim_in(session: Session, ctx: RunContext, run_id: uuid.UUID) -> _Claimed 
             (run.last_event_seq // EPOCH + 1) * EPOCH if taken_over else run.last_event_seq
         ),
     }
-    session.execute(
-        _update_run(tuple(claim)),
-        {f"new_{column}": value for column, value in claim.items()}
-        | {"run_id_": run.id, "workspace_id_": run.workspace_id},
-    )
+    session.execute(_update_run(tuple(claim)), _run_params(run, claim))
     for column, value in claim.items():
         set_committed_value(run, column, value)  # as written: nothing left for a flush
     history = session.scalars(

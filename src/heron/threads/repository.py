@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import ScalarSelect, delete, func, select
+from sqlalchemy import delete
 
 from heron.core.pagination import PageParams
 from heron.db.repository import WorkspaceRepository
@@ -39,26 +39,6 @@ class MessageRepository(WorkspaceRepository[Message]):
 
     async def of_thread(self, thread_id: uuid.UUID, params: PageParams) -> Sequence[Message]:
         return await self.page(params, Message.thread_id == thread_id)
-
-    async def history(self, thread_id: uuid.UUID) -> Sequence[Message]:
-        return (
-            await self.session.scalars(
-                self.select().where(Message.thread_id == thread_id).order_by(Message.seq)
-            )
-        ).all()
-
-    def next_seq_query(self, thread_id: uuid.UUID) -> ScalarSelect[int]:
-        """The thread's next message seq, as a subquery (an INSERT can take it as a value)."""
-        return (
-            select(func.coalesce(func.max(Message.seq), 0) + 1)
-            .where(Message.workspace_id == self.workspace_id, Message.thread_id == thread_id)
-            .scalar_subquery()
-        )
-
-    async def delete_ids(self, ids: list[uuid.UUID]) -> None:
-        await self.session.execute(
-            delete(Message).where(Message.workspace_id == self.workspace_id, Message.id.in_(ids))
-        )
 
     async def delete_of_run(self, run_id: uuid.UUID) -> None:
         await self.session.execute(
