@@ -679,6 +679,57 @@ async def test_a_run_continues_after_a_restart_without_repeating_a_tool(
     assert fake.chat_requests[2].body["messages"][-1]["role"] == "tool"
 
 
+async def test_a_stop_cuts_every_streaming_run_short_and_leaves_it_to_continue(
+    tmp_path: Any, database_url: str, scale_out: str | None, llm: tuple[FakeOpenAI, str]
+) -> None:
+    """The process (or worker) stops while runs stream: every model stream is cut at once,
+    not waited out, however the cancellation lands (one that a library swallows is repeated:
+    with Redis, many single cancels were lost)."""
+    from conftest import make_settings, make_tenant, serve
+    from heron.app import create_app
+
+    fake, url = llm
+    settings = make_settings(tmp_path, database_url, scale_out)
+    app = create_app(settings)
+    count = 10
+    # Each answer streams for about a minute, an event every 5 ms.
+    fake.push(*[Reply(text="word " * 12_000, chunk_size=5, chunk_delay=0.005)] * count)
+    async with serve(app) as base, httpx.AsyncClient(base_url=base, timeout=30) as client:
+        alice = await make_tenant(app.state.db, "Alice", password=None)
+        await make_agent(client, alice, url)
+        runs = []
+        for _ in range(count):
+            thread = await new_thread(client, alice)
+            created = await client.post(
+                f"/api/threads/{thread}/runs",
+                json={"agent": "helper", "input": "talk"},
+                headers=alice.headers,
+            )
+            runs.append(created.json()["id"])
+        for run_id in runs:  # every run is streaming its answer
+            async with client.stream(
+                "GET", f"/api/runs/{run_id}/events", headers=alice.headers
+            ) as stream:
+                async for line in stream.aiter_lines():
+                    if line == "event: message.delta":
+                        break
+    requests = fake.chat_requests
+    assert len(requests) == count
+    for _ in range(40):
+        if all(r.disconnected for r in requests):
+            break
+        await asyncio.sleep(0.025)
+    assert [(r.disconnected, r.completed) for r in requests] == [(True, False)] * count
+    async with _open(settings) as db:
+        from heron.runs.models import Run as RunRow
+
+        async with db.session(write=False) as session:
+            for run_id in runs:
+                row = await session.get(RunRow, uuid.UUID(run_id))
+                assert row is not None
+                assert row.status.value == "running"  # for the next start to continue
+
+
 def _open(settings: Any) -> Any:
     from contextlib import asynccontextmanager
 

@@ -25,6 +25,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from heron.core.crypto import SecretBox
+from heron.core.tasks import cancel_and_wait
 from heron.db.engine import Database
 from heron.files.storage import BlobStore, open_blob_store
 from heron.jobs.queue import QUEUE, TASK, celery_app
@@ -152,9 +153,7 @@ class WorkerRuntime:
 
     async def _close(self) -> None:
         if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+            await cancel_and_wait([self._listener])
         if self._ingestion is not None:
             await self._ingestion.close()
         if self._runs is not None:

@@ -31,6 +31,7 @@ from heron.core.crypto import SecretBox
 from heron.core.errors import HeronError
 from heron.core.ids import utcnow
 from heron.core.netguard import FetchLimits, NetGuard, open_url
+from heron.core.tasks import cancel_and_wait
 from heron.db.engine import Database
 from heron.knowledge import index
 from heron.knowledge.models import Document, DocumentStatus, KnowledgeBase, SourceKind
@@ -106,7 +107,7 @@ async def ingest_document(ctx: IngestionContext, document_id: uuid.UUID) -> Docu
         bound.info("document_lease_lost")
         return None
     finally:
-        heartbeat.cancel()
+        await cancel_and_wait([heartbeat])
     bound.info("document_ready", chunks=chunks, attempt=doc.attempts)
     return DocumentStatus.ready
 
@@ -505,10 +506,7 @@ class IngestionExecutor:
         self.ctx.stopping = True
         if self._sweeper is not None:
             self._sweeper.cancel()
-        tasks = list(self._running.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(list(self._running.values()))
         for document_id in list(self._waiters):
             self._release(document_id)
 

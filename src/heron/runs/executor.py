@@ -80,6 +80,7 @@ from heron.agents.spec import AgentSpec, render_instructions
 from heron.core.crypto import SecretBox
 from heron.core.errors import HeronError
 from heron.core.ids import new_id, utcnow
+from heron.core.tasks import cancel_and_wait
 from heron.db.engine import Database, is_transient
 from heron.knowledge.service import AgentKnowledge, embedder_factory
 from heron.providers import service as providers
@@ -191,6 +192,9 @@ class RunContext:
         # Set while the process stops: cancelled tasks then leave their runs to be continued
         # (by this process' next start, or another worker once the lease lapses).
         self.stopping = False
+        # Runs whose execution has left the agent loop and only records how it ended: a
+        # cancellation no longer applies to them, and must not cut that record short.
+        self.finishing: set[uuid.UUID] = set()
         self.http = HttpClients()
         self.leases = Leases(self)
 
@@ -734,23 +738,38 @@ async def execute_run(ctx: RunContext, run_id: uuid.UUID) -> RunStatus | None:
     claimed = await _claim(ctx, run_id)
     if claimed is None:
         return None
-    run, taken_over = claimed.run, claimed.taken_over
-    fresh = run.attempts == 1 and run.last_event_seq == 0  # nothing of it written yet
+    run = claimed.run
     progress = _Progress(run=run, seq=run.last_event_seq, step_index=claimed.steps_done)
+    try:
+        return await _run_to_end(ctx, progress, claimed)
+    finally:
+        ctx.finishing.discard(run.id)
+
+
+async def _run_to_end(ctx: RunContext, progress: _Progress, claimed: _Claimed) -> RunStatus:
+    run = progress.run
     bound = structlog.get_logger("heron.runs").bind(run_id=str(run.id))
-    if fresh:
-        await _emit(ctx, progress, "run.queued", {"run_id": str(run.id)})
-    await _emit(
-        ctx,
-        progress,
-        "run.started",
-        {"run_id": str(run.id), "attempt": run.attempts, "resumed_after_interruption": taken_over},
-    )
     messages: list[ModelMessage] = []
     ctx.leases.hold(run.id)
     try:
-        async with asyncio.timeout(ctx.run_timeout):
-            status, values, messages = await _loop(ctx, progress, claimed)
+        try:
+            if run.attempts == 1 and run.last_event_seq == 0:  # nothing of it written yet
+                await _emit(ctx, progress, "run.queued", {"run_id": str(run.id)})
+            await _emit(
+                ctx,
+                progress,
+                "run.started",
+                {
+                    "run_id": str(run.id),
+                    "attempt": run.attempts,
+                    "resumed_after_interruption": claimed.taken_over,
+                },
+            )
+            async with asyncio.timeout(ctx.run_timeout):
+                status, values, messages = await _loop(ctx, progress, claimed)
+        finally:
+            # Whatever happens from here on, the execution records how the run ended.
+            ctx.finishing.add(run.id)
     except asyncio.CancelledError:
         if ctx.stopping:
             raise
@@ -1118,6 +1137,7 @@ class RunExecutor:
         self._sweeper: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._waiters: dict[uuid.UUID, list[asyncio.Future[None]]] = {}
+        self._cancelling: dict[uuid.UUID, asyncio.Task[None]] = {}
         self._queued_grace: timedelta | None = None
 
     @property
@@ -1156,11 +1176,23 @@ class RunExecutor:
         return run_id in self._running or any(r == run_id for r, _ in self._waiting)
 
     def cancel(self, run_id: uuid.UUID) -> bool:
+        """Stop a run executing here: its task is cancelled, again and again until it has
+        taken the cancellation (one cancel can be lost: `heron.core.tasks`); then it records
+        the end, which no later cancel interrupts."""
         entry = self._running.get(run_id)
         if entry is None:
             return False
-        entry[1].cancel()
+        if run_id not in self.ctx.finishing and run_id not in self._cancelling:
+            self._cancelling[run_id] = asyncio.create_task(
+                self._cancel(run_id, entry[1]), name=f"cancel-{run_id}"
+            )
         return True
+
+    async def _cancel(self, run_id: uuid.UUID, task: asyncio.Task[Any]) -> None:
+        try:
+            await cancel_and_wait([task], still_wanted=lambda _: run_id not in self.ctx.finishing)
+        finally:
+            self._cancelling.pop(run_id, None)
 
     def _pump(self) -> None:
         busy: dict[uuid.UUID, int] = {}
@@ -1287,10 +1319,10 @@ class RunExecutor:
         for helper in (self._sweeper, self._watcher):
             if helper is not None:
                 helper.cancel()
-        tasks = [task for _, task in self._running.values()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        runs = {task: run_id for run_id, (_, task) in self._running.items()}
+        await cancel_and_wait(runs, still_wanted=lambda task: runs[task] not in self.ctx.finishing)
+        await asyncio.gather(*self._cancelling.values(), return_exceptions=True)
+        tasks = list(runs)
         for run_id in list(self._waiters):
             self._release(run_id)
         await self.ctx.aclose()  # the lease heartbeat stops: release after it, not before
