@@ -74,6 +74,15 @@ async def read_sse(response: httpx.Response) -> list[dict[str, Any]]:
     return events
 
 
+async def first_delta(client: httpx.AsyncClient, tenant: Tenant, run_id: str) -> None:
+    """Return once the run has streamed some of its answer."""
+    async with client.stream("GET", f"/api/runs/{run_id}/events", headers=tenant.headers) as s:
+        async for line in s.aiter_lines():
+            if line == "event: message.delta":
+                return
+    raise AssertionError(f"run {run_id} ended without streaming any text")
+
+
 async def wait_status(
     client: httpx.AsyncClient, tenant: Tenant, run_id: str, *wanted: str
 ) -> dict[str, Any]:
@@ -272,12 +281,7 @@ async def test_cancel_stops_a_streaming_model_within_a_second(
             headers=alice.headers,
         )
     ).json()
-    async with client.stream(
-        "GET", f"/api/runs/{run['id']}/events", headers=alice.headers
-    ) as stream:
-        async for line in stream.aiter_lines():
-            if line == "event: message.delta":
-                break
+    await first_delta(client, alice, run["id"])
     cancelled = await client.post(f"/api/runs/{run['id']}/cancel", headers=alice.headers)
     assert cancelled.status_code == 200
     final = await wait_status(client, alice, run["id"], "cancelled", "completed", "failed")
@@ -707,12 +711,7 @@ async def test_a_stop_cuts_every_streaming_run_short_and_leaves_it_to_continue(
             )
             runs.append(created.json()["id"])
         for run_id in runs:  # every run is streaming its answer
-            async with client.stream(
-                "GET", f"/api/runs/{run_id}/events", headers=alice.headers
-            ) as stream:
-                async for line in stream.aiter_lines():
-                    if line == "event: message.delta":
-                        break
+            await first_delta(client, alice, run_id)
     requests = fake.chat_requests
     assert len(requests) == count
     for _ in range(40):
@@ -873,12 +872,7 @@ async def test_a_cancel_sent_to_another_api_process_stops_the_run(
                     headers=alice.headers,
                 )
             ).json()
-            async with c1.stream(
-                "GET", f"/api/runs/{run['id']}/events", headers=alice.headers
-            ) as s:
-                async for line in s.aiter_lines():
-                    if line == "event: message.delta":
-                        break
+            await first_delta(c1, alice, run["id"])
         async with httpx.AsyncClient(base_url=url_two, timeout=30) as c2:
             assert (
                 await c2.post(f"/api/runs/{run['id']}/cancel", headers=alice.headers)
