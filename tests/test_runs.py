@@ -788,6 +788,72 @@ async def test_another_api_process_streams_a_run_step_by_step(
     assert events[-1]["data"]["output"] == "It is four."
 
 
+async def test_a_cancel_committed_while_a_run_pauses_wins(
+    app: Any, client: httpx.AsyncClient, alice: Tenant, llm: tuple[FakeOpenAI, str]
+) -> None:
+    """The API's cancel and the executor's pause lock the run's row in turn: a pause that
+    comes while a cancel's transaction is open waits for it, sees the cancel, writes nothing;
+    the execution then ends the run cancelled (a paused run never keeps a taken cancel)."""
+    from sqlalchemy import select
+
+    from heron.core.ids import utcnow
+    from heron.runs.events import MemoryEventLog
+    from heron.runs.executor import RunContext, _CancelledMeanwhile, _finish, _Progress
+    from heron.runs.models import Run as RunRow
+    from heron.runs.models import RunEvent, RunStatus
+    from heron.runs.service import RunRepository
+
+    _, url = llm
+    agent = await make_agent(client, alice, url, tools=["calculator"])
+    thread = await new_thread(client, alice)
+    db = app.state.db
+    ctx = RunContext(db, MemoryEventLog(), app.state.secret_box, owner="test", run_timeout=60)
+    async with db.session(write=True) as session, session.begin():
+        run = RunRow(
+            workspace_id=alice.workspace_id,
+            thread_id=uuid.UUID(thread),
+            agent_id=uuid.UUID(agent["id"]),
+            spec={},
+            input=[],
+            status=RunStatus.running,
+            attempts=1,
+        )
+        session.add(run)
+    progress = _Progress(run=run, seq=0)
+    pending = {"tool_call_id": "c1", "name": "calculator", "arguments": {"expression": "1+1"}}
+
+    async with db.session(write=True) as session, session.begin():
+        row = await RunRepository(session, alice.workspace_id).locked_or_404(run.id)
+        assert row.status == RunStatus.running
+        row.cancel_requested_at = utcnow()
+        await session.flush()
+        pausing = asyncio.create_task(
+            _finish(
+                ctx,
+                progress,
+                [],
+                RunStatus.requires_action,
+                "approval.required",
+                {"pending_approvals": [pending]},
+            )
+        )
+        await asyncio.sleep(0.3)  # the pause is under way, waiting for the row
+    with pytest.raises(_CancelledMeanwhile):
+        await pausing
+    await _finish(ctx, progress, [], RunStatus.cancelled, "run.cancelled", {})
+
+    async with db.session(write=False) as session:
+        stored = await session.get(RunRow, run.id)
+        assert stored is not None
+        assert (stored.status, stored.pending_approvals) == (RunStatus.cancelled, None)
+        events = (
+            await session.execute(
+                select(RunEvent.seq, RunEvent.type).where(RunEvent.run_id == run.id)
+            )
+        ).all()
+        assert [tuple(e) for e in events] == [(1, "run.cancelled")]
+
+
 async def test_failed_and_cancelled_runs_keep_the_earlier_conversation(
     client: httpx.AsyncClient, alice: Tenant, llm: tuple[FakeOpenAI, str]
 ) -> None:

@@ -62,6 +62,7 @@ from pydantic_ai.settings import ModelSettings
 from sqlalchemy import (
     Connection,
     Insert,
+    Select,
     TextClause,
     Update,
     bindparam,
@@ -353,10 +354,13 @@ async def _checkpoint(
     ctx: RunContext,
     progress: _Progress,
     messages: list[ModelMessage] | None,
+    *,
+    guard: Callable[[Connection], None] | None = None,
     **run_values: Any,
 ) -> None:
     """Write what happened since the last checkpoint, in one transaction, and renew the lease.
-    `messages` is the whole conversation as the run sees it; None leaves the stored one as is."""
+    `messages` is the whole conversation as the run sees it; None leaves the stored one as is.
+    `guard` runs first in the transaction; whatever it raises rolls the whole write back."""
     run = progress.run
     kept = progress.stored
     replaced: list[_Stored] = []
@@ -399,6 +403,8 @@ async def _checkpoint(
     gone = [r.id for r in replaced]
 
     def work(conn: Connection) -> None:
+        if guard is not None:
+            guard(conn)
         if gone:
             conn.execute(
                 delete(Message).where(
@@ -785,24 +791,42 @@ async def _run_to_end(ctx: RunContext, progress: _Progress, claimed: _Claimed) -
         return RunStatus.failed
     finally:
         ctx.leases.release(run.id)
-    if status == RunStatus.requires_action and await _cancel_requested(ctx, run):
-        # Cancelled while it was pausing: the cancel wins.
-        await _finish(ctx, progress, [], RunStatus.cancelled, "run.cancelled", {})
-        return RunStatus.cancelled
-    bound.info("run_ended", status=status.value)
     event = "run.completed" if status == RunStatus.completed else "approval.required"
-    await _finish(ctx, progress, messages, status, event, values)
+    try:
+        await _finish(ctx, progress, messages, status, event, values)
+    except _CancelledMeanwhile:
+        # A cancel was committed while the run was pausing: the cancel wins.
+        status = RunStatus.cancelled
+        await _finish(ctx, progress, [], status, "run.cancelled", {})
+    bound.info("run_ended", status=status.value)
     return status
 
 
-async def _cancel_requested(ctx: RunContext, run: Run) -> bool:
-    async with ctx.db.session(write=False) as session:
-        requested = await session.scalar(
-            select(Run.cancel_requested_at).where(
-                Run.id == run.id, Run.workspace_id == run.workspace_id
-            )
-        )
-        return requested is not None
+class _CancelledMeanwhile(Exception):
+    """The run's cancellation was committed before its pause could be."""
+
+
+@functools.cache
+def _cancel_requested_statement() -> Select[datetime | None]:
+    # FOR UPDATE: the API's cancel locks the row too (PostgreSQL; SQLite has one writer at a
+    # time anyway), so a cancel and a pause decide in turn and one sees the other's outcome.
+    return (
+        select(Run.cancel_requested_at)
+        .where(Run.id == bindparam("run_id_"), Run.workspace_id == bindparam("workspace_id_"))
+        .with_for_update()
+    )
+
+
+def _not_cancelled(run: Run) -> Callable[[Connection], None]:
+    """A check, first in the transaction that pauses the run, that no cancel came meanwhile: a
+    paused run must not keep a cancel that its API request said was taken."""
+
+    def check(conn: Connection) -> None:
+        params = {"run_id_": run.id, "workspace_id_": run.workspace_id}
+        if conn.execute(_cancel_requested_statement(), params).scalar() is not None:
+            raise _CancelledMeanwhile
+
+    return check
 
 
 async def _fail(
@@ -843,18 +867,25 @@ async def _finish(
     await _emit(ctx, progress, event, data, live=False)
     seq = progress.seq
     ended = {"ended_at": utcnow()} if status.is_final else {}
-    await asyncio.shield(
-        _checkpoint(
-            ctx,
-            progress,
-            complete,
-            status=status,
-            lease_owner=None,
-            lease_expires_at=None,
-            **ended,
-            **values,
+    guard = _not_cancelled(run) if status == RunStatus.requires_action else None
+    try:
+        await asyncio.shield(
+            _checkpoint(
+                ctx,
+                progress,
+                complete,
+                guard=guard,
+                status=status,
+                lease_owner=None,
+                lease_expires_at=None,
+                **ended,
+                **values,
+            )
         )
-    )
+    except _CancelledMeanwhile:
+        progress.events.pop()  # nothing was written: the announcement goes too
+        progress.seq -= 1
+        raise
     await ctx.events.append(run.id, seq, event, data)
 
 

@@ -44,6 +44,16 @@ class RunRepository(WorkspaceRepository[Run]):
         params = {"workspace_id": self.workspace_id, "thread_id": thread_id}
         return (await self.session.scalars(_active_on(), params)).all()
 
+    async def locked_or_404(self, run_id: uuid.UUID) -> Run:
+        """The run read afresh, its row locked until the transaction ends: a cancel and the
+        executor's pause of the run decide in turn (PostgreSQL; on SQLite a write transaction
+        holds the one writer already)."""
+        stmt = self.select().where(Run.id == run_id).with_for_update()
+        run = await self.session.scalar(stmt.execution_options(populate_existing=True))
+        if run is None:
+            raise NotFound(f"No run with id {run_id} in this workspace.")
+        return run
+
     async def steps(self, run_id: uuid.UUID) -> Sequence[Step]:
         return (
             await self.session.scalars(
@@ -162,7 +172,7 @@ async def _handle_active(
 async def cancel_run(
     session: AsyncSession, principal: Principal, run_id: uuid.UUID, runs: Runs
 ) -> Run:
-    run = await RunRepository(session, principal.workspace_id).get_or_404(run_id)
+    run = await RunRepository(session, principal.workspace_id).locked_or_404(run_id)
     if run.status.is_final:
         return run
     run.cancel_requested_at = utcnow()
