@@ -77,7 +77,8 @@ async def test_tasks_writing_to_redis_all_stop(redis_url: str) -> None:
         for _ in range(5):
             tasks = [asyncio.create_task(writes()) for _ in range(10)]
             await asyncio.sleep(random.uniform(0, 0.02))
-            await cancel_and_wait(tasks)
+            async with asyncio.timeout(10):  # a lost cancel fails here, not hangs
+                await cancel_and_wait(tasks)
             assert all(task.done() for task in tasks)
     finally:
         await redis.aclose()

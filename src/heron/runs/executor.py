@@ -1353,11 +1353,10 @@ class RunExecutor:
         runs = {task: run_id for run_id, (_, task) in self._running.items()}
         await cancel_and_wait(runs, still_wanted=lambda task: runs[task] not in self.ctx.finishing)
         await asyncio.gather(*self._cancelling.values(), return_exceptions=True)
-        tasks = list(runs)
         for run_id in list(self._waiters):
             self._release(run_id)
         await self.ctx.aclose()  # the lease heartbeat stops: release after it, not before
-        if tasks:
+        if runs:
             await self._release_leases()
 
     async def _release_leases(self) -> None:

@@ -51,7 +51,7 @@ class RunRepository(WorkspaceRepository[Run]):
         stmt = self.select().where(Run.id == run_id).with_for_update()
         run = await self.session.scalar(stmt.execution_options(populate_existing=True))
         if run is None:
-            raise NotFound(f"No run with id {run_id} in this workspace.")
+            raise NotFound(f"No {self.noun} with id {run_id} in this workspace.")
         return run
 
     async def steps(self, run_id: uuid.UUID) -> Sequence[Step]:
