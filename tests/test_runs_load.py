@@ -11,10 +11,11 @@ from typing import Any
 import httpx
 import pytest
 from pydantic import SecretStr
+from sqlalchemy import select
 
 from conftest import TEST_SECRET, make_tenant, serve
 from fakes.openai_server import FakeOpenAI, Reply, ToolCall
-from test_runs import make_agent, new_thread, read_sse
+from test_runs import make_agent, new_thread, read_sse, wait_status
 
 RUNS = 60
 
@@ -275,3 +276,91 @@ async def test_a_worker_executes_as_many_runs_at_once_as_its_concurrency_asks(
     started = [dt.datetime.fromisoformat(run["started_at"]) for run in runs]
     ended = [dt.datetime.fromisoformat(run["ended_at"]) for run in runs]
     assert max(started) < min(ended)  # each began before any ended: all three at once
+
+
+async def test_a_new_run_starts_in_its_creating_transaction_when_a_place_is_free(
+    tmp_path: Path, database_url: str
+) -> None:
+    """Embedded, a run on an idle thread is written already claimed (202 says `running`) and
+    executes as its request commits; with every place of the process taken it is queued, and
+    starts when a place frees. A place held for a run whose transaction rolls back is given
+    back. (The in-process executor, on either database: workers claim every run from the job
+    queue.)"""
+    from heron.app import create_app
+    from heron.providers.models import Provider
+    from heron.runs.models import Run, RunStatus
+    from heron.settings import AuthSettings, DatabaseSettings, RunsSettings, load_settings
+
+    fake = FakeOpenAI(api_key="sk-test-runs-0123456789", models=["small"])
+    fake.handler = lambda request: Reply(text="step " * 10, chunk_size=1, chunk_delay=0.03)
+    settings = load_settings(
+        home=tmp_path,
+        database=DatabaseSettings(url=database_url, pool_size=5),
+        auth=AuthSettings(secret_key=SecretStr(TEST_SECRET)),
+        runs=RunsSettings(max_concurrency=1, per_workspace_concurrency=5),
+    )
+    app = create_app(settings)
+    async with (
+        fake.serve() as url,
+        serve(app) as base,
+        httpx.AsyncClient(base_url=base, timeout=60) as client,
+    ):
+        alice = await make_tenant(app.state.db, "Alice", password=None)
+        await make_agent(client, alice, url)
+        first, second, third = [await new_thread(client, alice) for _ in range(3)]
+
+        async def create(thread: str) -> dict[str, Any]:
+            response = await client.post(
+                f"/api/threads/{thread}/runs",
+                json={"agent": "helper", "input": "go"},
+                headers=alice.headers,
+            )
+            assert response.status_code == 202, response.text
+            return dict(response.json())
+
+        running = await create(first)
+        assert running["status"] == "running"
+        assert running["started_at"] is not None
+        queued = await create(second)  # the process' one place is taken
+        assert queued["status"] == "queued"
+        for run in (running, queued):
+            ended = await wait_status(client, alice, run["id"], "completed", "failed")
+            assert ended["status"] == "completed", ended
+        events = (await client.get(f"/api/runs/{running['id']}/events", headers=alice.headers)).text
+        assert events.index("event: run.queued") < events.index("event: run.started")
+        messages = (
+            await client.get(f"/api/threads/{first}/messages", headers=alice.headers)
+        ).json()["items"]
+        assert [m["role"] for m in messages] == ["user", "assistant"]
+        assert messages[0]["run_id"] == running["id"]
+
+        # A place held by a transaction that rolls back comes back: the next run starts at once.
+        runs = app.state.runs
+        db = app.state.db
+        async with db.session(write=True) as session:
+            template = await session.get(Run, uuid.UUID(running["id"]))
+            assert template is not None
+            providers = list(await session.scalars(select(Provider)))
+            held = await runs.begin(
+                session,
+                Run(
+                    id=uuid.uuid4(),
+                    workspace_id=template.workspace_id,
+                    thread_id=uuid.UUID(third),
+                    agent_id=template.agent_id,
+                    agent_version=template.agent_version,
+                    spec=template.spec,
+                    status=RunStatus.queued,
+                    input=template.input,
+                    variables={},
+                ),
+                providers,
+            )
+            assert held is not None
+            await session.rollback()
+        held.give_back()
+        held.give_back()  # once only
+        again = await create(third)
+        assert again["status"] == "running"
+        ended = await wait_status(client, alice, again["id"], "completed", "failed")
+        assert ended["status"] == "completed"

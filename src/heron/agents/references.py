@@ -14,9 +14,12 @@ from heron.providers.repository import ProviderRepository
 from heron.tools.registry import default_registry
 
 
-async def check_references(session: AsyncSession, workspace_id: uuid.UUID, spec: AgentSpec) -> None:
+async def check_references(
+    session: AsyncSession, workspace_id: uuid.UUID, spec: AgentSpec
+) -> list[Provider]:
     """422 naming each model reference whose provider doesn't exist in the workspace (or whose
-    model the provider doesn't offer, when it has listed its models) and each unknown tool."""
+    model the provider doesn't offer, when it has listed its models) and each unknown tool.
+    Returns the provider connections the spec names."""
     errors: list[FieldError] = []
     refs: list[tuple[list[str | int], str]] = [(["model"], spec.model)]
     refs += [(["fallbacks", i], ref) for i, ref in enumerate(spec.fallbacks)]
@@ -67,3 +70,4 @@ async def check_references(session: AsyncSession, workspace_id: uuid.UUID, spec:
     if errors:
         first = errors[0]
         raise ValidationFailed(f"{'.'.join(str(p) for p in first.loc)}: {first.msg}", errors=errors)
+    return list(providers.values())

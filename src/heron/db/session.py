@@ -40,10 +40,17 @@ def after_commit(session: AsyncSession, callback: Callable[[], object]) -> None:
     session.info.setdefault("after_commit", []).append(callback)
 
 
+def after_rollback(session: AsyncSession, callback: Callable[[], object]) -> None:
+    """Run `callback` (synchronous) if the request's transaction rolls back instead: how what
+    was held for work that will not happen is given back."""
+    session.info.setdefault("after_rollback", []).append(callback)
+
+
 async def commit_now(session: AsyncSession) -> None:
     """Commit before the request ends (a handler that must wait on the work it queued), and
     hand the work over."""
     await session.commit()
+    session.info.pop("after_rollback", None)
     for callback in session.info.pop("after_commit", []):
         result = callback()
         if inspect.isawaitable(result):
@@ -56,10 +63,16 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
         yield session
         await session.commit()
     except BaseException:
-        await session.rollback()
+        undo = session.info.pop("after_rollback", [])
+        try:
+            await session.rollback()
+        finally:
+            for callback in undo:
+                callback()
         raise
     finally:
         callbacks = session.info.pop("after_commit", [])
+        session.info.pop("after_rollback", None)
         await session.close()
     for callback in callbacks:
         result = callback()

@@ -8,12 +8,19 @@ reads live events from the shared event log.
 from __future__ import annotations
 
 import uuid
-from typing import Any, Protocol
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from heron.jobs.queue import CeleryQueue
+from heron.providers.models import Provider
 from heron.runs.events import EventLog
+from heron.runs.models import Run
+
+if TYPE_CHECKING:
+    from heron.runs.executor import Started
 
 # Workers listen here for runs to stop; the payload is the run id.
 CANCEL_CHANNEL = "heron:run-cancel"
@@ -25,6 +32,13 @@ class Runs(Protocol):
 
     def submit(self, run_id: uuid.UUID, workspace_id: uuid.UUID) -> object:
         """Hand a committed, queued run over to be executed (may return an awaitable)."""
+        ...
+
+    async def begin(
+        self, session: AsyncSession, run: Run, providers: Sequence[Provider]
+    ) -> Started | None:
+        """Write a new run already claimed by this process, in `session`'s transaction, when
+        this process executes runs and has a place free; None: queue it and `submit` it."""
         ...
 
     def cancel(self, run_id: uuid.UUID) -> object:
@@ -54,6 +68,11 @@ class WorkerRuns:
 
     async def submit(self, run_id: uuid.UUID, workspace_id: uuid.UUID) -> None:
         await self._queue.enqueue("run", run_id, workspace_id)
+
+    async def begin(
+        self, session: AsyncSession, run: Run, providers: Sequence[Provider]
+    ) -> Started | None:
+        return None  # workers claim every run from the job queue
 
     async def cancel(self, run_id: uuid.UUID) -> None:
         # Every worker hears it; the one executing the run stops it. (Workers also look for

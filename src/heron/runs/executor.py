@@ -22,7 +22,7 @@ import socket
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -74,6 +74,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -739,9 +740,100 @@ def _claim_in(session: Session, ctx: RunContext, run_id: uuid.UUID) -> _Claimed 
     )
 
 
-async def execute_run(ctx: RunContext, run_id: uuid.UUID) -> RunStatus | None:
-    """Execute a run until it ends or pauses. Returns its status, or None if not claimable."""
-    claimed = await _claim(ctx, run_id)
+async def claim_new(
+    session: AsyncSession, ctx: RunContext, run: Run, providers: Sequence[Provider]
+) -> _Claimed | None:
+    """Write a new run already claimed by this process, with its user message, in the
+    transaction of the request that creates it, and read what its execution needs first: the
+    run starts as that request commits, without a claim of its own (a transaction, and most
+    of a queued run's time to first token). `run` is the new run, not yet in any session; it
+    gets the values written. `providers`: the connections its spec names, as the request read
+    them. None when the workspace has no place free for another run: the caller queues it.
+
+    For a thread with no active run only: a thread's runs go one at a time, in order."""
+    sql = _claim_statements()
+    now = utcnow()
+    scope = {"workspace_id": run.workspace_id, "run_id": run.id}
+    if ctx.per_workspace is None:
+        allow_private_network = await session.scalar(sql.workspace_flags, scope)
+    else:
+        # As a claim does: the workspace's row first (PostgreSQL), so claims elsewhere can't
+        # take its last place meanwhile.
+        allow_private_network = await session.scalar(sql.lock_workspace, scope)
+        running = await session.scalar(sql.running_in_workspace, scope)
+        if int(running or 0) >= ctx.per_workspace:
+            return None
+    values: dict[str, Any] = {
+        "id": run.id,
+        "workspace_id": run.workspace_id,
+        "thread_id": run.thread_id,
+        "agent_id": run.agent_id,
+        "agent_version": run.agent_version,
+        "spec": run.spec,
+        "status": RunStatus.running,
+        "input": run.input,
+        "variables": run.variables,
+        "output": None,
+        "error_code": None,
+        "error_message": None,
+        "pending_approvals": None,
+        "input_tokens": 0,
+        "output_tokens": 0,
+        "model": None,
+        "cancel_requested_at": None,
+        "started_at": now,
+        "ended_at": None,
+        "lease_owner": ctx.owner,
+        "lease_expires_at": now + LEASE,
+        "attempts": 1,
+        "last_event_seq": 0,
+        "created_at": now,
+        "updated_at": now,
+    }
+    await session.execute(_insert_of(Run), values)
+    for column, value in values.items():
+        setattr(run, column, value)
+    history = list(
+        (
+            await session.scalars(
+                sql.history, {"workspace_id": run.workspace_id, "thread_id": run.thread_id}
+            )
+        ).all()
+    )
+    prompt = ModelRequest(parts=[UserPromptPart(content=run.input[0]["text"])])
+    role, parts = conversation.api_view(prompt)
+    message = Message(
+        id=new_id(),
+        workspace_id=run.workspace_id,
+        thread_id=run.thread_id,
+        run_id=run.id,
+        seq=max((m.seq for m in history), default=0) + 1,
+        role=role,
+        parts=parts,
+        raw=conversation.dump(prompt),
+        created_at=now,
+        updated_at=now,
+    )
+    await session.execute(
+        _insert_of(Message),
+        {column.key: getattr(message, column.key) for column in Message.__table__.columns},
+    )
+    return _Claimed(
+        run=run,
+        taken_over=False,
+        history=[*history, message],
+        allow_private_network=bool(allow_private_network),
+        providers=list(providers),
+        steps_done=0,
+    )
+
+
+async def execute_run(
+    ctx: RunContext, run_id: uuid.UUID, claimed: _Claimed | None = None
+) -> RunStatus | None:
+    """Execute a run until it ends or pauses. Returns its status, or None if not claimable.
+    `claimed`: the run as `claim_new` claimed it (otherwise the execution claims it first)."""
+    claimed = claimed or await _claim(ctx, run_id)
     if claimed is None:
         return None
     run = claimed.run
@@ -1154,6 +1246,34 @@ def _describe(exc: BaseException) -> str:
     return (str(exc) or type(exc).__name__)[:1000]
 
 
+class Started:
+    """A place this process holds for a run that a request's transaction is creating already
+    claimed (`RunExecutor.begin`): once that transaction commits, `start()` executes the run;
+    if it rolls back, `give_back()` frees the place. Either ends the hold; later calls do
+    nothing."""
+
+    def __init__(self, executor: RunExecutor, workspace_id: uuid.UUID) -> None:
+        self._executor: RunExecutor | None = executor
+        self.workspace_id = workspace_id
+        self.claimed: _Claimed | None = None
+
+    def start(self) -> None:
+        executor = self._end()
+        if executor is not None:
+            executor._start(self)
+
+    def give_back(self) -> None:
+        executor = self._end()
+        if executor is not None and not executor._closed:
+            executor._pump()  # a queued run may take the place
+
+    def _end(self) -> RunExecutor | None:
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor._unreserve(self.workspace_id)
+        return executor
+
+
 class RunExecutor:
     """The embedded job queue: runs as tasks of this process, bounded globally and per
     workspace."""
@@ -1170,10 +1290,47 @@ class RunExecutor:
         self._waiters: dict[uuid.UUID, list[asyncio.Future[None]]] = {}
         self._cancelling: dict[uuid.UUID, asyncio.Task[None]] = {}
         self._queued_grace: timedelta | None = None
+        # Places held for runs being created by a request (`begin`), by workspace.
+        self._reserved: dict[uuid.UUID, int] = {}
 
     @property
     def events(self) -> EventLog:
         return self.ctx.events
+
+    async def begin(
+        self, session: AsyncSession, run: Run, providers: Sequence[Provider]
+    ) -> Started | None:
+        """Claim a new run for this process in the transaction that creates it (`claim_new`),
+        when a place is free here and in its workspace and no run waits before it. The caller
+        starts it once that transaction has committed, or gives the place back; None: the run
+        is to be queued as usual."""
+        workspace_id = run.workspace_id
+        if self._closed or self._waiting or self._in_use() >= self._max:
+            return None
+        if self._busy().get(workspace_id, 0) >= self._per_workspace:
+            return None
+        self._reserved[workspace_id] = self._reserved.get(workspace_id, 0) + 1
+        started = Started(self, workspace_id)
+        try:
+            claimed = await claim_new(session, self.ctx, run, providers)
+        except BaseException:
+            started.give_back()
+            raise
+        if claimed is None:
+            started.give_back()
+            return None
+        started.claimed = claimed
+        return started
+
+    def _in_use(self) -> int:
+        return len(self._running) + sum(self._reserved.values())
+
+    def _busy(self) -> dict[uuid.UUID, int]:
+        """Runs executing or about to, by workspace."""
+        busy = dict(self._reserved)
+        for workspace_id, _ in self._running.values():
+            busy[workspace_id] = busy.get(workspace_id, 0) + 1
+        return busy
 
     def submit(self, run_id: uuid.UUID, workspace_id: uuid.UUID) -> None:
         if self._closed or run_id in self._running or (run_id, workspace_id) in self._waiting:
@@ -1226,23 +1383,40 @@ class RunExecutor:
             self._cancelling.pop(run_id, None)
 
     def _pump(self) -> None:
-        busy: dict[uuid.UUID, int] = {}
-        for workspace_id, _ in self._running.values():
-            busy[workspace_id] = busy.get(workspace_id, 0) + 1
+        busy = self._busy()
+        in_use = self._in_use()
         kept: deque[tuple[uuid.UUID, uuid.UUID]] = deque()
-        while self._waiting and len(self._running) < self._max:
+        while self._waiting and in_use < self._max:
             run_id, workspace_id = self._waiting.popleft()
             if busy.get(workspace_id, 0) >= self._per_workspace:
                 kept.append((run_id, workspace_id))
                 continue
             busy[workspace_id] = busy.get(workspace_id, 0) + 1
+            in_use += 1
             task = asyncio.create_task(self._execute(run_id), name=f"run-{run_id}")
             self._running[run_id] = (workspace_id, task)
         self._waiting.extendleft(reversed(kept))
 
-    async def _execute(self, run_id: uuid.UUID) -> None:
+    def _start(self, started: Started) -> None:
+        """The transaction that claimed `started`'s run committed: it executes now."""
+        claimed = started.claimed
+        assert claimed is not None
+        run_id = claimed.run.id
+        if self._closed:
+            return  # stopping: the next start continues it, as any run this process held
+        task = asyncio.create_task(self._execute(run_id, claimed), name=f"run-{run_id}")
+        self._running[run_id] = (started.workspace_id, task)
+
+    def _unreserve(self, workspace_id: uuid.UUID) -> None:
+        left = self._reserved.get(workspace_id, 0) - 1
+        if left > 0:
+            self._reserved[workspace_id] = left
+        else:
+            self._reserved.pop(workspace_id, None)
+
+    async def _execute(self, run_id: uuid.UUID, claimed: _Claimed | None = None) -> None:
         try:
-            status = await execute_run(self.ctx, run_id)
+            status = await execute_run(self.ctx, run_id, claimed)
             if status is not None and status != RunStatus.running:
                 await self._wake_next(run_id, thread=status.is_final)
         except Exception:
@@ -1372,4 +1546,4 @@ class RunExecutor:
             log.warning("lease_release_failed", error=str(exc))
 
 
-__all__ = ["RunContext", "RunExecutor", "execute_run"]
+__all__ = ["RunContext", "RunExecutor", "Started", "claim_new", "execute_run"]

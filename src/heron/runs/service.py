@@ -20,10 +20,10 @@ from heron.agents.service import AgentRepository, VersionRepository
 from heron.agents.spec import AgentSpec, render_instructions
 from heron.core.auth import Principal
 from heron.core.errors import Conflict, NotFound, ValidationFailed
-from heron.core.ids import utcnow
+from heron.core.ids import new_id, utcnow
 from heron.core.pagination import PageParams
 from heron.db.repository import WorkspaceRepository
-from heron.db.session import after_commit
+from heron.db.session import after_commit, after_rollback
 from heron.runs.dispatch import Runs
 from heron.runs.models import Run, RunEvent, RunStatus, Step
 from heron.runs.schemas import Approval, OnActiveRun, RunCreate
@@ -104,25 +104,33 @@ async def create_run(
     version, spec = await _pinned_spec(
         session, principal.workspace_id, agent.id, agent.draft, agent.latest_version, body.version
     )
-    await check_references(session, principal.workspace_id, spec)
+    providers = await check_references(session, principal.workspace_id, spec)
     render_instructions(spec, body.variables)  # a missing variable is a 422 now, not a failed run
     repo = RunRepository(session, principal.workspace_id)
     active = await repo.active_on(thread.id)
     if active:
         await _handle_active(session, principal, runs, active, body.on_active_run)
     text = body.input if isinstance(body.input, str) else "\n".join(p.text for p in body.input)
-    run = repo.add(
-        Run(
-            thread_id=thread.id,
-            agent_id=agent.id,
-            agent_version=version,
-            spec=spec.model_dump(mode="json"),
-            status=RunStatus.queued,
-            input=[{"type": "text", "text": text}],
-            variables=body.variables,
-        )
+    run = Run(
+        id=new_id(),
+        workspace_id=principal.workspace_id,
+        thread_id=thread.id,
+        agent_id=agent.id,
+        agent_version=version,
+        spec=spec.model_dump(mode="json"),
+        status=RunStatus.queued,
+        input=[{"type": "text", "text": text}],
+        variables=body.variables,
     )
     thread.updated_at = utcnow()
+    # A thread with no active run whose process executes runs itself and has a place free:
+    # the run is written already claimed, and starts as this transaction commits.
+    started = None if active else await runs.begin(session, run, providers)
+    if started is not None:
+        after_rollback(session, started.give_back)
+        after_commit(session, started.start)
+        return run
+    repo.add(run)
     await session.flush()
     after_commit(session, lambda: runs.submit(run.id, run.workspace_id))
     return run
