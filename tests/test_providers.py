@@ -667,3 +667,35 @@ async def test_the_fake_server_can_drop_a_stream_and_notices_a_client_leaving() 
     assert not server.chat_requests[0].completed
     assert leaving.disconnected
     assert not leaving.completed
+
+
+async def test_runs_share_a_built_model_until_its_connection_changes(
+    fake: tuple[FakeOpenAI, str],
+) -> None:
+    """Runtimes over one process' clients reuse the model a connection built; a rotated key or
+    another base URL builds a new one, and requests carry the new credentials."""
+    from heron.providers.connection import ProviderConnection
+    from heron.providers.models import ProviderKind
+    from heron.providers.runtime import HttpClients, ModelRuntime
+
+    server, url = fake
+    clients = HttpClients()
+    old = ProviderConnection(
+        name="llm", kind=ProviderKind.openai_compatible, base_url=url, api_key="sk-old-0123456789"
+    )
+    new = ProviderConnection(
+        name="llm", kind=ProviderKind.openai_compatible, base_url=url, api_key=API_KEY
+    )
+    try:
+        first = ModelRuntime([old], clients=clients).model("llm:gpt-test")
+        assert ModelRuntime([old], clients=clients).model("llm:gpt-test") is first
+        assert ModelRuntime([old], clients=clients).model("llm:other") is not first
+        rotated = ModelRuntime([new], clients=clients).model("llm:gpt-test")
+        assert rotated is not first
+        server.push(Reply(text="Hello."))
+        assert (await Agent(rotated).run("Hi")).output == "Hello."
+        assert server.chat_requests[-1].headers["authorization"] == f"Bearer {API_KEY}"
+        with pytest.raises(ModelHTTPError):
+            await Agent(first).run("Hi")  # the old key is refused
+    finally:
+        await clients.aclose()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ssl
 import warnings
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from http.cookiejar import CookieJar, DefaultCookiePolicy
@@ -85,6 +86,7 @@ NO_RETRY = RetryPolicy(attempts=1)
 
 # As pydantic-ai's and the SDKs' own clients: many runs of a process share one client.
 _LIMITS = {"max_connections": 1000, "max_keepalive_connections": 100}
+MODELS_KEPT = 256
 
 
 class HttpClients:
@@ -94,6 +96,37 @@ class HttpClients:
     def __init__(self) -> None:
         self._clients: dict[tuple[Any, ...], httpx2.AsyncClient | httpx.AsyncClient] = {}
         self._tls: ssl.SSLContext | None = None
+        # Models built over these clients, by everything they were built from: a model holds
+        # no state of a request, and building one (its SDK client) costs a quarter of a
+        # millisecond of every run's time to first token. A changed connection (key, URL,
+        # headers) is another entry; the least recently used go beyond MODELS_KEPT.
+        self._models: OrderedDict[tuple[Any, ...], Model] = OrderedDict()
+
+    def model(
+        self,
+        connection: ProviderConnection,
+        model_name: str,
+        retry: RetryPolicy,
+        build: Callable[[], Model],
+    ) -> Model:
+        """The model `build()` makes for this connection, model name and retry policy, made
+        once."""
+        key = (
+            connection.name,
+            connection.kind,
+            connection.base_url,
+            connection.api_key,
+            *_client_key(connection, retry),
+            model_name,
+        )
+        model = self._models.get(key)
+        if model is None:
+            model = self._models[key] = build()
+            while len(self._models) > MODELS_KEPT:
+                self._models.popitem(last=False)
+        else:
+            self._models.move_to_end(key)
+        return model
 
     def tls(self) -> ssl.SSLContext:
         """One TLS context for every client: building one is slow, using one is not."""
@@ -154,6 +187,7 @@ class HttpClients:
         return client
 
     async def aclose(self) -> None:
+        self._models.clear()
         clients, self._clients = list(self._clients.values()), {}
         for client in clients:
             await client.aclose()
@@ -235,7 +269,10 @@ class ModelRuntime:
         connection = self._connections.get(ref.provider)
         if connection is None:
             raise _unknown(field, f"There is no provider named {ref.provider!r} in this workspace.")
-        model = self._build(connection, ref.model)
+        name = ref.model
+        model = self._clients.model(
+            connection, name, self._retry, lambda: self._build(connection, name)
+        )
         self._built.append((ref, model))
         return model
 
