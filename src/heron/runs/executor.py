@@ -562,13 +562,23 @@ def _update_run(columns: tuple[str, ...]) -> Update:
     )
 
 
+@dataclass(frozen=True)
+class _Said:
+    """A message of the thread as the execution reads it."""
+
+    id: uuid.UUID
+    run_id: uuid.UUID | None
+    seq: int
+    raw: dict[str, Any]
+
+
 @dataclass
 class _Claimed:
     """A claimed run, with what its execution reads first, all from the claim's transaction."""
 
     run: Run
     taken_over: bool  # from an execution that stopped mid-way
-    history: list[Message]
+    history: list[_Said]
     allow_private_network: bool
     providers: list[Provider]
     steps_done: int
@@ -624,7 +634,7 @@ class _ClaimStatements:
             .scalar_subquery()
         )
         self.history = (
-            select(Message)
+            select(Message.id, Message.run_id, Message.seq, Message.raw)
             .where(
                 Message.workspace_id == bindparam("workspace_id"),
                 Message.thread_id == bindparam("thread_id"),
@@ -634,8 +644,9 @@ class _ClaimStatements:
         self.workspace_flags = select(Workspace.allow_private_network).where(
             Workspace.id == bindparam("workspace_id")
         )
-        self.lock_workspace = self.workspace_flags.with_for_update()
-        self.running_in_workspace = (
+        # The workspace's flag and how many of its runs are running, its row locked
+        # (PostgreSQL) so that claims in several processes can't both take its last place.
+        running_in_workspace = (
             select(func.count())
             .select_from(Run)
             .where(
@@ -643,6 +654,12 @@ class _ClaimStatements:
                 Run.status == RunStatus.running,
                 Run.id != bindparam("run_id"),
             )
+            .scalar_subquery()
+        )
+        self.lock_workspace = (
+            select(Workspace.allow_private_network, running_in_workspace)
+            .where(Workspace.id == bindparam("workspace_id"))
+            .with_for_update(of=Workspace)
         )
         self.steps_done = (
             select(func.count())
@@ -681,10 +698,9 @@ def _claim_in(session: Session, ctx: RunContext, run_id: uuid.UUID) -> _Claimed 
     scope = {"workspace_id": run.workspace_id, "run_id": run.id}
     allow_private_network: bool | None = None
     if run.status == RunStatus.queued and ctx.per_workspace is not None:
-        # The workspace's row is locked first (PostgreSQL), so claims in several workers
-        # can't both take its last place.
-        allow_private_network = session.scalar(sql.lock_workspace, scope)
-        if int(session.scalar(sql.running_in_workspace, scope) or 0) >= ctx.per_workspace:
+        flags = session.execute(sql.lock_workspace, scope).one()
+        allow_private_network = flags[0]
+        if int(flags[1] or 0) >= ctx.per_workspace:
             return None  # stays queued; a run of the workspace that ends wakes it
     if allow_private_network is None:
         allow_private_network = session.scalar(sql.workspace_flags, scope)
@@ -721,9 +737,12 @@ def _claim_in(session: Session, ctx: RunContext, run_id: uuid.UUID) -> _Claimed 
     session.execute(_update_run(tuple(claim)), _run_params(run, claim))
     for column, value in claim.items():
         set_committed_value(run, column, value)  # as written: nothing left for a flush
-    history = session.scalars(
-        sql.history, {"workspace_id": run.workspace_id, "thread_id": run.thread_id}
-    ).all()
+    history = [
+        _Said(*row)
+        for row in session.execute(
+            sql.history, {"workspace_id": run.workspace_id, "thread_id": run.thread_id}
+        )
+    ]
     names = sorted(_provider_names(run.spec))
     providers = session.scalars(
         by_names_statement(), {"workspace_id": run.workspace_id, "names": names}
@@ -733,7 +752,7 @@ def _claim_in(session: Session, ctx: RunContext, run_id: uuid.UUID) -> _Claimed 
     return _Claimed(
         run=run,
         taken_over=taken_over,
-        history=list(history),
+        history=history,
         allow_private_network=bool(allow_private_network),
         providers=list(providers),
         steps_done=steps_done,
@@ -757,11 +776,9 @@ async def claim_new(
     if ctx.per_workspace is None:
         allow_private_network = await session.scalar(sql.workspace_flags, scope)
     else:
-        # As a claim does: the workspace's row first (PostgreSQL), so claims elsewhere can't
-        # take its last place meanwhile.
-        allow_private_network = await session.scalar(sql.lock_workspace, scope)
-        running = await session.scalar(sql.running_in_workspace, scope)
-        if int(running or 0) >= ctx.per_workspace:
+        flags = (await session.execute(sql.lock_workspace, scope)).one()
+        allow_private_network = flags[0]
+        if int(flags[1] or 0) >= ctx.per_workspace:
             return None
     values: dict[str, Any] = {
         "id": run.id,
@@ -793,30 +810,31 @@ async def claim_new(
     await session.execute(_insert_of(Run), values)
     for column, value in values.items():
         setattr(run, column, value)
-    history = list(
-        (
-            await session.scalars(
-                sql.history, {"workspace_id": run.workspace_id, "thread_id": run.thread_id}
-            )
-        ).all()
-    )
+    history = [
+        _Said(*row)
+        for row in await session.execute(
+            sql.history, {"workspace_id": run.workspace_id, "thread_id": run.thread_id}
+        )
+    ]
     prompt = ModelRequest(parts=[UserPromptPart(content=run.input[0]["text"])])
     role, parts = conversation.api_view(prompt)
-    message = Message(
-        id=new_id(),
-        workspace_id=run.workspace_id,
-        thread_id=run.thread_id,
-        run_id=run.id,
-        seq=max((m.seq for m in history), default=0) + 1,
-        role=role,
-        parts=parts,
-        raw=conversation.dump(prompt),
-        created_at=now,
-        updated_at=now,
+    message = _Said(
+        new_id(), run.id, max((m.seq for m in history), default=0) + 1, conversation.dump(prompt)
     )
     await session.execute(
         _insert_of(Message),
-        {column.key: getattr(message, column.key) for column in Message.__table__.columns},
+        {
+            "id": message.id,
+            "workspace_id": run.workspace_id,
+            "thread_id": run.thread_id,
+            "run_id": run.id,
+            "seq": message.seq,
+            "role": role,
+            "parts": parts,
+            "raw": message.raw,
+            "created_at": now,
+            "updated_at": now,
+        },
     )
     return _Claimed(
         run=run,
