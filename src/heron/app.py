@@ -19,6 +19,7 @@ from heron.core.errors import PROBLEM_JSON, FieldError, Problem, install_error_h
 from heron.core.logging import configure_logging
 from heron.core.middleware import RequestContextMiddleware, SizeLimitMiddleware
 from heron.core.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
+from heron.core.redisclient import redis_client
 from heron.core.security import TokenSigner, load_or_create_secret_key
 from heron.db import migrate
 from heron.db.engine import Database
@@ -81,7 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             pool_size=settings.database.pool_size,
             echo=settings.database.echo,
         )
-        redis: Redis | None = Redis.from_url(settings.redis.url) if settings.redis.url else None
+        redis: Redis | None = redis_client(settings.redis.url) if settings.redis.url else None
         limiter: RateLimiter = RedisRateLimiter(redis) if redis else MemoryRateLimiter()
         blobs: BlobStore = open_blob_store(settings)
         app.state.db = db

@@ -25,6 +25,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from heron.core.crypto import SecretBox
+from heron.core.redisclient import redis_client
 from heron.core.tasks import cancel_and_wait
 from heron.db.engine import Database
 from heron.files.storage import BlobStore, open_blob_store
@@ -87,7 +88,7 @@ class WorkerRuntime:
             pool_size=settings.database.pool_size,
             echo=settings.database.echo,
         )
-        self._redis = Redis.from_url(settings.redis.url)
+        self._redis = redis_client(settings.redis.url)
         ctx = RunContext(
             self._db,
             RedisEventLog(self._redis),

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from redis.asyncio import ConnectionPool, Redis
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 TERMINAL = frozenset({"run.completed", "run.failed", "run.cancelled"})
 # A paused run ends its stream too; resuming it starts a new stream segment.
@@ -126,6 +127,8 @@ class MemoryEventLog:
 
 
 BLOCK_SECONDS = 2.0
+# How long an append may take before it fails (Redis away or stuck).
+WRITE_TIMEOUT = 5.0
 
 
 class RedisEventLog:
@@ -157,16 +160,20 @@ class RedisEventLog:
     async def append(self, run_id: uuid.UUID, seq: int, type: str, data: dict[str, Any]) -> Event:
         key = self._key(run_id)
         payload = json.dumps(data, separators=(",", ":"), default=str)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.xadd(
-                key,
-                {"t": type, "d": payload},
-                id=f"0-{seq}",
-                maxlen=self._max,
-                approximate=True,
-            )
-            pipe.expire(key, self._retain)
-            results = await pipe.execute(raise_on_error=False)
+        try:
+            # Bounded here: Heron's clients have no socket timeout (`heron.core.redisclient`).
+            async with asyncio.timeout(WRITE_TIMEOUT), self._redis.pipeline(False) as pipe:
+                pipe.xadd(
+                    key,
+                    {"t": type, "d": payload},
+                    id=f"0-{seq}",
+                    maxlen=self._max,
+                    approximate=True,
+                )
+                pipe.expire(key, self._retain)
+                results = await pipe.execute(raise_on_error=False)
+        except TimeoutError:
+            raise RedisTimeoutError(f"Redis took no event in {WRITE_TIMEOUT:g} s.") from None
         error = results[0]
         # An id at or below the stream's last one: the event is there already (a retried
         # append); anything else is a real failure.
@@ -187,7 +194,6 @@ class RedisEventLog:
     ) -> AsyncIterator[Event | None]:
         key = self._key(run_id)
         last = f"0-{after}"
-        # Blocking reads stay well inside the client's socket timeout (5 s by default).
         block = min(idle, BLOCK_SECONDS)
         quiet = 0.0
         # A blocking read holds its connection while it waits, for as long as the stream
