@@ -66,7 +66,7 @@ async def test_tasks_writing_to_redis_all_stop(redis_url: str) -> None:
     """Tasks that do nothing but write to Redis, through Heron's clients, all stop when
     cancelled. (With redis-py's default socket timeout, each write goes through Python 3.11's
     `asyncio.wait_for`, which swallowed every one of 50 cancels in 10 s on a loaded machine:
-    `test_a_default_redis_client_can_swallow_cancels` shows the mechanism.)"""
+    `test_heron_redis_clients_write_without_wait_for` checks what avoids it.)"""
     redis = redis_client(redis_url)
     log = RedisEventLog(redis)
 
