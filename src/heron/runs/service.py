@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from datetime import date, datetime
 from typing import Any, Literal
 
-from sqlalchemy import Select, bindparam, func, select
+from sqlalchemy import Select, Update, bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from heron.agents.references import check_references
@@ -40,7 +40,8 @@ class RunRepository(WorkspaceRepository[Run]):
     async def of_thread(self, thread_id: uuid.UUID, params: PageParams) -> Sequence[Run]:
         return await self.page(params, Run.thread_id == thread_id)
 
-    async def active_on(self, thread_id: uuid.UUID) -> Sequence[Run]:
+    async def active_on(self, thread_id: uuid.UUID) -> Sequence[uuid.UUID]:
+        """The ids of the thread's active runs, oldest first."""
         params = {"workspace_id": self.workspace_id, "thread_id": thread_id}
         return (await self.session.scalars(_active_on(), params)).all()
 
@@ -78,16 +79,28 @@ class RunRepository(WorkspaceRepository[Run]):
 
 
 @functools.cache
-def _active_on() -> Select[Run]:
+def _active_on() -> Select[uuid.UUID]:
     # Built once, on first use (foreign keys' column types are known once all models are).
     return (
-        select(Run)
+        select(Run.id)
         .where(
             Run.workspace_id == bindparam("workspace_id"),
             Run.thread_id == bindparam("thread_id"),
             Run.status.in_(ACTIVE),
         )
         .order_by(Run.id)
+    )
+
+
+@functools.cache
+def _touch_thread() -> Update:
+    return (
+        update(Thread)
+        .where(
+            Thread.id == bindparam("thread_id_"), Thread.workspace_id == bindparam("workspace_id_")
+        )
+        .values(updated_at=bindparam("now_"))
+        .returning(Thread.id)
     )
 
 
@@ -98,7 +111,15 @@ async def create_run(
     body: RunCreate,
     runs: Runs,
 ) -> Run:
-    thread = await ThreadRepository(session, principal.workspace_id).get_or_404(thread_id)
+    # The thread's row first, touched and so locked until the transaction ends (PostgreSQL;
+    # SQLite's writer is one already): runs created on a thread at once decide in turn, each
+    # seeing the one before as active.
+    touched = await session.execute(
+        _touch_thread(),
+        {"workspace_id_": principal.workspace_id, "thread_id_": thread_id, "now_": utcnow()},
+    )
+    if touched.first() is None:
+        raise NotFound(f"No thread with id {thread_id} in this workspace.")
     agents = AgentRepository(session, principal.workspace_id)
     agent = await agents.by_id_or_name(body.agent)
     version, spec = await _pinned_spec(
@@ -107,14 +128,14 @@ async def create_run(
     providers = await check_references(session, principal.workspace_id, spec)
     render_instructions(spec, body.variables)  # a missing variable is a 422 now, not a failed run
     repo = RunRepository(session, principal.workspace_id)
-    active = await repo.active_on(thread.id)
+    active = await repo.active_on(thread_id)
     if active:
         await _handle_active(session, principal, runs, active, body.on_active_run)
     text = body.input if isinstance(body.input, str) else "\n".join(p.text for p in body.input)
     run = Run(
         id=new_id(),
         workspace_id=principal.workspace_id,
-        thread_id=thread.id,
+        thread_id=thread_id,
         agent_id=agent.id,
         agent_version=version,
         spec=spec.model_dump(mode="json"),
@@ -122,7 +143,6 @@ async def create_run(
         input=[{"type": "text", "text": text}],
         variables=body.variables,
     )
-    thread.updated_at = utcnow()
     # A thread with no active run whose process executes runs itself and has a place free:
     # the run is written already claimed, and starts as this transaction commits.
     started = None if active else await runs.begin(session, run, providers)
@@ -159,18 +179,18 @@ async def _handle_active(
     session: AsyncSession,
     principal: Principal,
     runs: Runs,
-    active: Sequence[Run],
+    active: Sequence[uuid.UUID],
     policy: OnActiveRun,
 ) -> None:
     if policy == "reject":
         raise Conflict(
-            f"The thread has an active run ({active[0].id}); wait, cancel it, or pass "
+            f"The thread has an active run ({active[0]}); wait, cancel it, or pass "
             "on_active_run=enqueue|interrupt|rollback."
         )
     if policy == "enqueue":
         return
-    for run in active:
-        await cancel_run(session, principal, run.id, runs)
+    for run_id in active:
+        run = await cancel_run(session, principal, run_id, runs)
         if policy == "rollback":
             await MessageRepository(session, principal.workspace_id).delete_of_run(run.id)
             await session.delete(run)
