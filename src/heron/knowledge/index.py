@@ -38,7 +38,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Select, bindparam, delete, select, text, update
+from sqlalchemy import Select, TextClause, bindparam, delete, select, text, update
 from sqlalchemy import insert as core_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -268,15 +268,19 @@ async def _live(session: AsyncSession, chunk_ids: np.ndarray) -> np.ndarray:
 
     found: list[int] = []
     ids = chunk_ids.tolist()
+    # On the session's connection, past the ORM: a search runs this once or twice, and the
+    # ORM's handling of a statement costs more than SQLite's running it.
+    conn = await session.connection()
     for at in range(0, len(ids), 50_000):
         fragment, values = _ids_param(session, ids[at : at + 50_000])
-        found += (
-            await session.scalars(
-                text("SELECT id FROM chunks WHERE id " + fragment.format(name="ids")),  # noqa: S608
-                {"ids": values},
-            )
-        ).all()
+        rows = await conn.execute(_live_statement(fragment), {"ids": values})
+        found += [row[0] for row in rows]
     return np.asarray(sorted(found), dtype=np.int64)
+
+
+@functools.lru_cache(maxsize=4)
+def _live_statement(fragment: str) -> TextClause:
+    return text("SELECT id FROM chunks WHERE id " + fragment.format(name="ids"))  # noqa: S608
 
 
 async def remove_chunks(session: AsyncSession, kb_id: uuid.UUID, document_id: uuid.UUID) -> int:
@@ -369,11 +373,11 @@ async def keyword_search(
 
 
 @functools.cache
-def _blocks_of_terms() -> Select[int, bytes]:
+def _blocks_of_terms() -> Select[str, int, bytes]:
     """The posting blocks of a knowledge base's terms: built once, on first use (every keyword
     search runs it; building a statement costs more than running it)."""
     return (
-        select(KeywordTerm.df, TermBlock.postings)
+        select(KeywordTerm.term, KeywordTerm.df, TermBlock.postings)
         .join(TermBlock, TermBlock.term_id == KeywordTerm.id)
         .where(
             KeywordTerm.knowledge_base_id == bindparam("kb"),
@@ -394,13 +398,13 @@ async def _bm25(
 
     n = kb.chunk_count
     avgdl = max(kb.term_total / n, 1.0)
-    blocks = (await session.execute(_blocks_of_terms(), {"kb": kb.id, "words": words})).all()
+    blocks = await _postings_of(session, kb, words)
     if not blocks:
         return []
 
     def score() -> tuple[np.ndarray, np.ndarray]:
-        parts = [np.frombuffer(data, dtype=POSTING) for _, data in blocks]
-        postings = np.concatenate(parts)
+        parts = [postings for _, postings in blocks]
+        postings = np.concatenate(parts) if len(parts) > 1 else parts[0]
         idf = [math.log(1 + (n - df + 0.5) / (df + 0.5)) for df, _ in blocks]
         weights = np.repeat(idf, [len(part) for part in parts])
         tf = postings["tf"].astype(np.float64)
@@ -417,7 +421,7 @@ async def _bm25(
         ids, inverse = np.unique(chunks, return_inverse=True)
         return ids, np.bincount(inverse, weights=contribution)
 
-    size = sum(len(data) for _, data in blocks) // 16
+    size = sum(len(postings) for _, postings in blocks)
     ids, scores = score() if size < SCORE_INLINE_POSTINGS else await asyncio.to_thread(score)
     if allowed is not None:
         keep = await _chunks_of(session, kb.id, allowed)
@@ -434,6 +438,79 @@ async def _bm25(
         live = set((await _live(session, np.sort(ids[best]))).tolist())
         hits += [Hit(int(ids[i]), float(scores[i])) for i in best if int(ids[i]) in live]
     return hits[:limit]
+
+
+class PostingCache:
+    """Terms' postings (all their blocks, decoded) as this process last read them, least
+    recently used dropped first beyond `max_bytes`. An entry is the term's postings at one
+    `index_version` of its knowledge base, which every write to the index moves (in the
+    transaction that writes): a search that reads the version its entries were read at gets
+    the same postings the database holds, so scores stay exact. Common terms have the longest
+    lists and recur in most queries: they are read from the database once per version."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple[str, uuid.UUID, int, str], tuple[int, np.ndarray]] = (
+            OrderedDict()
+        )
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, uuid.UUID, int, str]) -> tuple[int, np.ndarray] | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+            return entry
+
+    def put(self, key: tuple[str, uuid.UUID, int, str], entry: tuple[int, np.ndarray]) -> None:
+        size = int(entry[1].nbytes)
+        if size > self.max_bytes // 4:
+            return  # one term would push out most others
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= int(old[1].nbytes)
+            self._entries[key] = entry
+            self._bytes += size
+            while self._bytes > self.max_bytes and self._entries:
+                _, dropped = self._entries.popitem(last=False)
+                self._bytes -= int(dropped[1].nbytes)
+
+
+postings_cache = PostingCache(max_bytes=256 * 1024 * 1024)
+
+
+async def _postings_of(
+    session: AsyncSession, kb: KnowledgeBase, words: list[str]
+) -> list[tuple[int, np.ndarray]]:
+    """(df, postings) of each of `words` that the knowledge base has, from `postings_cache` or
+    else from its blocks (then kept there)."""
+    import numpy as np
+
+    url = str(session.get_bind().engine.url)
+    found: dict[str, tuple[int, np.ndarray]] = {}
+    missing = []
+    for word in dict.fromkeys(words):
+        cached = postings_cache.get((url, kb.id, kb.index_version, word))
+        if cached is not None:
+            found[word] = cached
+        else:
+            missing.append(word)
+    if missing:
+        params = {"kb": kb.id, "words": missing}
+        rows = (await session.execute(_blocks_of_terms(), params)).all()
+        blocks: defaultdict[str, list[bytes]] = defaultdict(list)
+        dfs: dict[str, int] = {}
+        for term, df, data in rows:
+            blocks[term].append(data)
+            dfs[term] = df
+        for term, datas in blocks.items():
+            parts = [np.frombuffer(data, dtype=POSTING) for data in datas]
+            entry = (dfs[term], np.concatenate(parts) if len(parts) > 1 else parts[0])
+            postings_cache.put((url, kb.id, kb.index_version, term), entry)
+            found[term] = entry
+    return [found[w] for w in dict.fromkeys(words) if w in found]
 
 
 async def _chunks_of(
