@@ -235,3 +235,22 @@ async def test_bm25_from_merged_blocks_is_exactly_brute_force_bm25(
     allowed = set(documents[1::4]) - gone
     for query in queries[:10]:
         check(await search(db, [kb], query, 10, allowed), brute_force(chunks, query, allowed), 10)
+
+
+def test_the_postings_cache_keeps_the_recently_used_within_its_bytes() -> None:
+    cache = index.PostingCache(max_bytes=4 * 1600)
+    kb = uuid.uuid4()
+
+    def postings(n: int) -> np.ndarray:
+        return np.zeros(n, dtype=index.POSTING)  # 16 bytes each
+
+    for term in "abcd":
+        cache.put(("db", kb, 1, term), (1, postings(100)))
+    assert cache.get(("db", kb, 1, "a")) is not None  # now the most recently used
+    cache.put(("db", kb, 1, "e"), (1, postings(100)))
+    assert cache.get(("db", kb, 1, "b")) is None  # the least recently used went
+    assert all(cache.get(("db", kb, 1, t)) is not None for t in "acde")
+    assert cache.get(("db", kb, 2, "a")) is None  # another version of the index: not this entry
+    cache.put(("db", kb, 1, "huge"), (1, postings(200)))  # over a quarter of the cache: not kept
+    assert cache.get(("db", kb, 1, "huge")) is None
+    assert all(cache.get(("db", kb, 1, t)) is not None for t in "acde")
