@@ -224,6 +224,13 @@ async def test_bm25_from_merged_blocks_is_exactly_brute_force_bm25(
     chunks = {c: (d, counts) for c, (d, counts) in chunks.items() if d not in gone}
     for query in queries[:10]:
         check(await search(db, [kb], query, 10), brute_force(chunks, query), 10)
+    # Again with the knowledge base's matrix loaded (SQLite): liveness is read from its ids.
+    async with db.session(write=False) as session:
+        fresh = await session.get(KnowledgeBase, kb.id)
+        assert fresh is not None
+        await index.vector_search(session, [fresh], np.ones(4, dtype=np.float32) / 2, 5, None)
+    for query in queries[:10]:
+        check(await search(db, [kb], query, 10), brute_force(chunks, query), 10)
     dead = await check_blocks(db, kb, chunks)
     assert dead > 0
     await add_random(30)

@@ -429,13 +429,19 @@ async def _bm25(
         ids, scores = ids[mask], scores[mask]
     hits: list[Hit] = []
     seen = 0
+    # SQLite: the knowledge base's matrix, when this process holds it at this version, has
+    # every chunk id (sorted): liveness needs no query.
+    matrix = matrices.get(_matrix_key(session, kb), kb.index_version)
     while len(hits) < limit and seen < len(ids):
         # The next best ones, skipping chunks deleted since their postings were written.
         want = min(seen + max(2 * (limit - len(hits)), 16), len(ids))
         best = np.argpartition(-scores, want - 1)[:want] if want < len(ids) else np.arange(want)
         best = best[np.argsort(-scores[best], kind="stable")][seen:]
         seen = want
-        live = set((await _live(session, np.sort(ids[best]))).tolist())
+        if matrix is not None:
+            live = set(_among(matrix.ids, ids[best]).tolist())
+        else:
+            live = set((await _live(session, np.sort(ids[best]))).tolist())
         hits += [Hit(int(ids[i]), float(scores[i])) for i in best if int(ids[i]) in live]
     return hits[:limit]
 
@@ -511,6 +517,17 @@ async def _postings_of(
             postings_cache.put((url, kb.id, kb.index_version, term), entry)
             found[term] = entry
     return [found[w] for w in dict.fromkeys(words) if w in found]
+
+
+def _among(known: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Those of `ids` that are in `known` (sorted)."""
+    import numpy as np
+
+    if len(known) == 0:
+        return ids[:0]
+    at = np.minimum(np.searchsorted(known, ids), len(known) - 1)
+    found: np.ndarray = ids[known[at] == ids]
+    return found
 
 
 async def _chunks_of(
@@ -648,7 +665,7 @@ matrices = MatrixCache(max_bytes=1024 * 1024 * 1024)
 async def _load_matrix(session: AsyncSession, kb: KnowledgeBase) -> _Matrix:
     import numpy as np
 
-    key = (str(session.get_bind().engine.url), kb.id)
+    key = _matrix_key(session, kb)
     cached = matrices.get(key, kb.index_version)
     if cached is not None:
         return cached
@@ -672,6 +689,10 @@ async def _load_matrix(session: AsyncSession, kb: KnowledgeBase) -> _Matrix:
     matrix = await asyncio.to_thread(build)
     matrices.put(key, matrix)
     return matrix
+
+
+def _matrix_key(session: AsyncSession, kb: KnowledgeBase) -> tuple[str, uuid.UUID]:
+    return (str(session.get_bind().engine.url), kb.id)
 
 
 def matrix_of(

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import ColumnElement, Select, bindparam, func, select
@@ -100,12 +101,29 @@ class ChunkRepository:
         self.session = session
         self.workspace_id = workspace_id
 
-    async def with_documents(self, ids: Sequence[int]) -> dict[int, tuple[Chunk, Document]]:
+    async def with_documents(self, ids: Sequence[int]) -> dict[int, Found]:
+        """What search results show of these chunks and their documents, by chunk id (the
+        columns only: not a chunk's embedding, nor a text document's whole text)."""
         if not ids:
             return {}
         params = {"workspace_id": self.workspace_id, "ids": list(ids)}
         rows = await self.session.execute(_chunks_with_documents(), params)
-        return {chunk.id: (chunk, document) for chunk, document in rows}
+        return {row[0]: Found(*row) for row in rows}
+
+
+@dataclass(frozen=True)
+class Found:
+    """A chunk found by a search, with its document."""
+
+    id: int
+    text: str
+    knowledge_base_id: uuid.UUID
+    page: int | None
+    heading_path: list[str] | None
+    position: int
+    document_id: uuid.UUID
+    document_title: str
+    document_meta: dict[str, Any] | None
 
 
 # Statements every search runs, built once, on first use (building a statement costs more than
@@ -121,9 +139,19 @@ def _kbs_by_ids() -> Select[KnowledgeBase]:
 
 
 @functools.cache
-def _chunks_with_documents() -> Select[Chunk, Document]:
+def _chunks_with_documents() -> Select[Any]:
     return (
-        select(Chunk, Document)
+        select(
+            Chunk.id,
+            Chunk.text,
+            Chunk.knowledge_base_id,
+            Chunk.page,
+            Chunk.heading_path,
+            Chunk.position,
+            Document.id,
+            Document.title,
+            Document.meta,
+        )
         .join(Document, Document.id == Chunk.document_id)
         .where(
             Chunk.workspace_id == bindparam("workspace_id"),

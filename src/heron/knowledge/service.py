@@ -397,19 +397,19 @@ async def search(
     for chunk_id, score in ranked:
         if chunk_id not in found:
             continue  # removed between the index lookup and now
-        chunk, document = found[chunk_id]
+        chunk = found[chunk_id]
         results.append(
             SearchResult(
                 chunk_id=chunk.id,
                 text=chunk.text,
                 score=score,
                 knowledge_base_id=chunk.knowledge_base_id,
-                document_id=document.id,
-                document_title=document.title,
+                document_id=chunk.document_id,
+                document_title=chunk.document_title,
                 page=chunk.page,
                 heading_path=list(chunk.heading_path or []),
                 position=chunk.position,
-                metadata=document.meta or {},
+                metadata=chunk.document_meta or {},
             )
         )
     return results
