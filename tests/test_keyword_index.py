@@ -248,16 +248,16 @@ def test_the_postings_cache_keeps_the_recently_used_within_its_bytes() -> None:
     cache = index.PostingCache(max_bytes=4 * 1600)
     kb = uuid.uuid4()
 
-    def postings(n: int) -> np.ndarray:
-        return np.zeros(n, dtype=index.POSTING)  # 16 bytes each
+    def postings(n: int) -> tuple[np.ndarray, np.ndarray]:
+        return np.zeros(n, dtype=np.int64), np.zeros(n)  # 16 bytes a posting
 
     for term in "abcd":
-        cache.put(("db", kb, 1, term), (1, postings(100)))
+        cache.put(("db", kb, 1, term), postings(100))
     assert cache.get(("db", kb, 1, "a")) is not None  # now the most recently used
-    cache.put(("db", kb, 1, "e"), (1, postings(100)))
+    cache.put(("db", kb, 1, "e"), postings(100))
     assert cache.get(("db", kb, 1, "b")) is None  # the least recently used went
     assert all(cache.get(("db", kb, 1, t)) is not None for t in "acde")
     assert cache.get(("db", kb, 2, "a")) is None  # another version of the index: not this entry
-    cache.put(("db", kb, 1, "huge"), (1, postings(200)))  # over a quarter of the cache: not kept
+    cache.put(("db", kb, 1, "huge"), postings(200))  # over a quarter of the cache: not kept
     assert cache.get(("db", kb, 1, "huge")) is None
     assert all(cache.get(("db", kb, 1, t)) is not None for t in "acde")

@@ -396,21 +396,16 @@ async def _bm25(
 ) -> list[Hit]:
     import numpy as np
 
-    n = kb.chunk_count
-    avgdl = max(kb.term_total / n, 1.0)
-    blocks = await _postings_of(session, kb, words)
-    if not blocks:
+    found = await _postings_of(session, kb, words)
+    if not found:
         return []
 
     def score() -> tuple[np.ndarray, np.ndarray]:
-        parts = [postings for _, postings in blocks]
-        postings = np.concatenate(parts) if len(parts) > 1 else parts[0]
-        idf = [math.log(1 + (n - df + 0.5) / (df + 0.5)) for df, _ in blocks]
-        weights = np.repeat(idf, [len(part) for part in parts])
-        tf = postings["tf"].astype(np.float64)
-        length = postings["length"].astype(np.float64)
-        contribution = weights * tf * (K1 + 1) / (tf + K1 * (1 - B + B * length / avgdl))
-        chunks = postings["chunk"]
+        if len(found) == 1:
+            chunks, contribution = found[0]
+        else:
+            chunks = np.concatenate([chunks for chunks, _ in found])
+            contribution = np.concatenate([contribution for _, contribution in found])
         low, high = int(chunks.min()), int(chunks.max())
         if high - low < 4 * len(chunks) + 1_000_000:
             # Dense sums over the id range (a knowledge base's ids are mostly contiguous);
@@ -421,7 +416,7 @@ async def _bm25(
         ids, inverse = np.unique(chunks, return_inverse=True)
         return ids, np.bincount(inverse, weights=contribution)
 
-    size = sum(len(postings) for _, postings in blocks)
+    size = sum(len(chunks) for chunks, _ in found)
     ids, scores = score() if size < SCORE_INLINE_POSTINGS else await asyncio.to_thread(score)
     if allowed is not None:
         keep = await _chunks_of(session, kb.id, allowed)
@@ -446,56 +441,60 @@ async def _bm25(
     return hits[:limit]
 
 
+_TermKey = tuple[str, uuid.UUID, int, str]  # database, knowledge base, index version, term
+_Scored = tuple["np.ndarray", "np.ndarray"]  # chunk ids, BM25 contributions
+
+
 class PostingCache:
     """Terms' postings (all their blocks, decoded) as this process last read them, least
-    recently used dropped first beyond `max_bytes`. An entry is the term's postings at one
-    `index_version` of its knowledge base, which every write to the index moves (in the
-    transaction that writes): a search that reads the version its entries were read at gets
-    the same postings the database holds, so scores stay exact. Common terms have the longest
-    lists and recur in most queries: they are read from the database once per version."""
+    recently used dropped first beyond `max_bytes`: each as its chunk ids and their BM25
+    contributions. An entry is the term's at one `index_version` of its knowledge base, which
+    every write to the index moves (in the transaction that writes), as it does the statistics
+    the contributions are computed from (N, df, average length): a search that reads the
+    version its entries were read at gets what the database holds, so scores stay exact.
+    Common terms have the longest lists and recur in most queries: they are read from the
+    database, and scored, once per version."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[tuple[str, uuid.UUID, int, str], tuple[int, np.ndarray]] = (
-            OrderedDict()
-        )
+        self._entries: OrderedDict[_TermKey, _Scored] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def get(self, key: tuple[str, uuid.UUID, int, str]) -> tuple[int, np.ndarray] | None:
+    def get(self, key: _TermKey) -> _Scored | None:
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
                 self._entries.move_to_end(key)
             return entry
 
-    def put(self, key: tuple[str, uuid.UUID, int, str], entry: tuple[int, np.ndarray]) -> None:
-        size = int(entry[1].nbytes)
+    def put(
+        self, key: tuple[str, uuid.UUID, int, str], entry: tuple[np.ndarray, np.ndarray]
+    ) -> None:
+        size = int(entry[0].nbytes + entry[1].nbytes)
         if size > self.max_bytes // 4:
             return  # one term would push out most others
         with self._lock:
             old = self._entries.pop(key, None)
             if old is not None:
-                self._bytes -= int(old[1].nbytes)
+                self._bytes -= int(old[0].nbytes + old[1].nbytes)
             self._entries[key] = entry
             self._bytes += size
             while self._bytes > self.max_bytes and self._entries:
                 _, dropped = self._entries.popitem(last=False)
-                self._bytes -= int(dropped[1].nbytes)
+                self._bytes -= int(dropped[0].nbytes + dropped[1].nbytes)
 
 
 postings_cache = PostingCache(max_bytes=256 * 1024 * 1024)
 
 
-async def _postings_of(
-    session: AsyncSession, kb: KnowledgeBase, words: list[str]
-) -> list[tuple[int, np.ndarray]]:
-    """(df, postings) of each of `words` that the knowledge base has, from `postings_cache` or
-    else from its blocks (then kept there)."""
+async def _postings_of(session: AsyncSession, kb: KnowledgeBase, words: list[str]) -> list[_Scored]:
+    """(chunk ids, BM25 contributions) of each of `words` that the knowledge base has, from
+    `postings_cache` or else from its blocks (then kept there)."""
     import numpy as np
 
     url = str(session.get_bind().engine.url)
-    found: dict[str, tuple[int, np.ndarray]] = {}
+    found: dict[str, _Scored] = {}
     missing = []
     for word in dict.fromkeys(words):
         cached = postings_cache.get((url, kb.id, kb.index_version, word))
@@ -511,9 +510,17 @@ async def _postings_of(
         for term, df, data in rows:
             blocks[term].append(data)
             dfs[term] = df
+        n = kb.chunk_count
+        avgdl = max(kb.term_total / n, 1.0) if n else 1.0
         for term, datas in blocks.items():
             parts = [np.frombuffer(data, dtype=POSTING) for data in datas]
-            entry = (dfs[term], np.concatenate(parts) if len(parts) > 1 else parts[0])
+            postings = np.concatenate(parts) if len(parts) > 1 else parts[0]
+            df = dfs[term]
+            idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
+            tf = postings["tf"].astype(np.float64)
+            length = postings["length"].astype(np.float64)
+            contribution = idf * tf * (K1 + 1) / (tf + K1 * (1 - B + B * length / avgdl))
+            entry = (np.ascontiguousarray(postings["chunk"]), contribution)
             postings_cache.put((url, kb.id, kb.index_version, term), entry)
             found[term] = entry
     return [found[w] for w in dict.fromkeys(words) if w in found]

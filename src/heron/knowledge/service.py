@@ -20,6 +20,7 @@ from heron.core.crypto import SecretBox
 from heron.core.errors import Conflict, FieldError, HeronError, ValidationFailed
 from heron.core.ids import utcnow
 from heron.core.netguard import NetGuard
+from heron.core.tasks import cancel_and_wait
 from heron.db.engine import Database
 from heron.db.session import after_commit
 from heron.knowledge import index
@@ -376,11 +377,31 @@ async def search(
     if request.mode in ("hybrid", "vector"):
         # The query embeds (in the model's thread) while the keyword search runs.
         queries = await _embed_query(session, kbs, request.query, embedder_for)
-    try:
-        if request.mode in ("hybrid", "keyword"):
-            keyword = await index.keyword_search(session, kbs, request.query, depth, allowed)
+
+    async def vector_part(on: AsyncSession) -> list[index.Hit]:
+        hits: list[index.Hit] = []
         for group, embedding in queries:
-            vector += await index.vector_search(session, group, await embedding, depth, allowed)
+            hits += await index.vector_search(on, group, await embedding, depth, allowed)
+        return hits
+
+    try:
+        if request.mode == "keyword":
+            keyword = await index.keyword_search(session, kbs, request.query, depth, allowed)
+        elif request.mode == "vector":
+            vector = await vector_part(session)
+        else:
+            # The vector part goes on as soon as the query is embedded, beside the keyword
+            # part, on a read session of its own (a session runs one statement at a time).
+            async with AsyncSession(session.bind, expire_on_commit=False) as other:
+                beside = asyncio.create_task(vector_part(other))
+                try:
+                    keyword = await index.keyword_search(
+                        session, kbs, request.query, depth, allowed
+                    )
+                    vector = await beside
+                finally:
+                    if not beside.done():
+                        await cancel_and_wait([beside])
     finally:
         for _, embedding in queries:
             embedding.cancel()
