@@ -316,6 +316,34 @@ async def test_cancel_of_a_queued_or_paused_run_is_immediate(
     assert cancelled["status"] == "cancelled"
 
 
+async def test_runs_created_on_a_thread_at_once_decide_in_turn(
+    client: httpx.AsyncClient, alice: Tenant, llm: tuple[FakeOpenAI, str]
+) -> None:
+    """Eight runs asked for on one idle thread at the same moment: one starts, the others see
+    it active and get 409 (the thread's row is taken first, so none of them misses another)."""
+    fake, url = llm
+    await make_agent(client, alice, url)
+    thread = await new_thread(client, alice)
+    fake.handler = lambda request: Reply(text="slow " * 100, chunk_size=5, chunk_delay=0.05)
+
+    async def ask(n: int) -> httpx.Response:
+        return await client.post(
+            f"/api/threads/{thread}/runs",
+            json={"agent": "helper", "input": f"message {n}"},
+            headers=alice.headers,
+        )
+
+    answers = await asyncio.gather(*(ask(n) for n in range(8)))
+    codes = sorted(a.status_code for a in answers)
+    assert codes == [202] + [409] * 7, [a.text for a in answers]
+    runs = (await client.get(f"/api/threads/{thread}/runs", headers=alice.headers)).json()
+    assert len(runs["items"]) == 1
+    (started,) = [a.json() for a in answers if a.status_code == 202]
+    await client.post(f"/api/runs/{started['id']}/cancel", headers=alice.headers)
+    ended = await wait_status(client, alice, started["id"], "cancelled", "completed")
+    assert ended["status"] in ("cancelled", "completed")
+
+
 async def test_double_texting_policies(
     client: httpx.AsyncClient, alice: Tenant, llm: tuple[FakeOpenAI, str]
 ) -> None:
