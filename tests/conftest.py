@@ -39,6 +39,7 @@ from heron.settings import (
     DatabaseSettings,
     LimitsSettings,
     RedisSettings,
+    RunsSettings,
     Settings,
     StorageSettings,
     load_settings,
@@ -283,6 +284,7 @@ def make_settings(
     redis_url: str | None = None,
     *,
     storage: StorageSettings | None = None,
+    runs: RunsSettings | None = None,
     **limits: object,
 ) -> Settings:
     return load_settings(
@@ -291,6 +293,7 @@ def make_settings(
         redis=RedisSettings(url=redis_url),
         auth=AuthSettings(secret_key=SecretStr(TEST_SECRET)),
         storage=storage or StorageSettings(),
+        runs=runs or RunsSettings(),
         limits=LimitsSettings(**limits),  # type: ignore[arg-type]
     )
 

@@ -13,7 +13,7 @@ import pytest
 from pydantic import SecretStr
 from sqlalchemy import select
 
-from conftest import TEST_SECRET, make_tenant, serve
+from conftest import TEST_SECRET, make_settings, make_tenant, serve
 from fakes.openai_server import FakeOpenAI, Reply, ToolCall
 from test_runs import make_agent, new_thread, read_sse, wait_status
 
@@ -289,17 +289,12 @@ async def test_a_new_run_starts_in_its_creating_transaction_when_a_place_is_free
     from heron.app import create_app
     from heron.providers.models import Provider
     from heron.runs.models import Run, RunStatus
-    from heron.settings import AuthSettings, DatabaseSettings, RunsSettings, load_settings
+    from heron.settings import RunsSettings
 
     fake = FakeOpenAI(api_key="sk-test-runs-0123456789", models=["small"])
     fake.handler = lambda request: Reply(text="step " * 10, chunk_size=1, chunk_delay=0.03)
-    settings = load_settings(
-        home=tmp_path,
-        database=DatabaseSettings(url=database_url, pool_size=5),
-        auth=AuthSettings(secret_key=SecretStr(TEST_SECRET)),
-        runs=RunsSettings(max_concurrency=1, per_workspace_concurrency=5),
-    )
-    app = create_app(settings)
+    one_place = RunsSettings(max_concurrency=1, per_workspace_concurrency=5)
+    app = create_app(make_settings(tmp_path, database_url, runs=one_place))
     async with (
         fake.serve() as url,
         serve(app) as base,

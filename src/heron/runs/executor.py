@@ -675,6 +675,37 @@ def _claim_statements() -> _ClaimStatements:
     return _ClaimStatements()
 
 
+def _prompt_params(run: Run) -> dict[str, Any]:
+    """The parameters of `insert_prompt`: the run's user message, as the next of its thread."""
+    prompt = ModelRequest(parts=[UserPromptPart(content=run.input[0]["text"])])
+    role, parts = conversation.api_view(prompt)
+    return {
+        "id": new_id(),
+        "workspace_id": run.workspace_id,
+        "thread_id": run.thread_id,
+        "run_id": run.id,
+        "role": role,
+        "parts": parts,
+        "raw": conversation.dump(prompt),
+        "of_workspace": run.workspace_id,
+        "of_thread": run.thread_id,
+    }
+
+
+def _claim_values(ctx: RunContext, run: Run, now: datetime, *, taken_over: bool) -> dict[str, Any]:
+    """What claiming `run` for this process sets on it."""
+    return {
+        "status": RunStatus.running,
+        "started_at": run.started_at or now,
+        "lease_owner": ctx.owner,
+        "lease_expires_at": now + LEASE,
+        "attempts": run.attempts + 1,
+        "last_event_seq": (
+            (run.last_event_seq // EPOCH + 1) * EPOCH if taken_over else run.last_event_seq
+        ),
+    }
+
+
 def _claim_in(session: Session, ctx: RunContext, run_id: uuid.UUID) -> _Claimed | None:
     now = utcnow()
     sql = _claim_statements()
@@ -707,33 +738,9 @@ def _claim_in(session: Session, ctx: RunContext, run_id: uuid.UUID) -> _Claimed 
     if run.attempts == 0:
         # The user's message joins the thread when the run starts, not when it was
         # queued: an enqueued run's message follows the answer to the run before it.
-        prompt = ModelRequest(parts=[UserPromptPart(content=run.input[0]["text"])])
-        role, parts = conversation.api_view(prompt)
-        session.execute(
-            sql.insert_prompt,
-            {
-                "id": new_id(),
-                "workspace_id": run.workspace_id,
-                "thread_id": run.thread_id,
-                "run_id": run.id,
-                "role": role,
-                "parts": parts,
-                "raw": conversation.dump(prompt),
-                "of_workspace": run.workspace_id,
-                "of_thread": run.thread_id,
-            },
-        )
+        session.execute(sql.insert_prompt, _prompt_params(run))
     taken_over = run.status == RunStatus.running
-    claim = {
-        "status": RunStatus.running,
-        "started_at": run.started_at or now,
-        "lease_owner": ctx.owner,
-        "lease_expires_at": now + LEASE,
-        "attempts": run.attempts + 1,
-        "last_event_seq": (
-            (run.last_event_seq // EPOCH + 1) * EPOCH if taken_over else run.last_event_seq
-        ),
-    }
+    claim = _claim_values(ctx, run, now, taken_over=taken_over)
     session.execute(_update_run(tuple(claim)), _run_params(run, claim))
     for column, value in claim.items():
         set_committed_value(run, column, value)  # as written: nothing left for a flush
@@ -780,66 +787,27 @@ async def claim_new(
         allow_private_network = flags[0]
         if int(flags[1] or 0) >= ctx.per_workspace:
             return None
-    values: dict[str, Any] = {
-        "id": run.id,
-        "workspace_id": run.workspace_id,
-        "thread_id": run.thread_id,
-        "agent_id": run.agent_id,
-        "agent_version": run.agent_version,
-        "spec": run.spec,
-        "status": RunStatus.running,
-        "input": run.input,
-        "variables": run.variables,
-        "output": None,
-        "error_code": None,
-        "error_message": None,
-        "pending_approvals": None,
-        "input_tokens": 0,
-        "output_tokens": 0,
-        "model": None,
-        "cancel_requested_at": None,
-        "started_at": now,
-        "ended_at": None,
-        "lease_owner": ctx.owner,
-        "lease_expires_at": now + LEASE,
-        "attempts": 1,
-        "last_event_seq": 0,
-        "created_at": now,
-        "updated_at": now,
-    }
-    await session.execute(_insert_of(Run), values)
+    # Every column, with the defaults a flush would give the values left unset, then claimed.
+    values = {column.key: getattr(run, column.key) for column in Run.__table__.columns}
+    values |= {"input_tokens": 0, "output_tokens": 0, "attempts": 0, "last_event_seq": 0}
+    values |= {"created_at": now, "updated_at": now}
     for column, value in values.items():
         setattr(run, column, value)
+    claim = _claim_values(ctx, run, now, taken_over=False)
+    await session.execute(_insert_of(Run), values | claim)
+    for column, value in claim.items():
+        setattr(run, column, value)
+    await session.execute(sql.insert_prompt, _prompt_params(run))
     history = [
         _Said(*row)
         for row in await session.execute(
             sql.history, {"workspace_id": run.workspace_id, "thread_id": run.thread_id}
         )
     ]
-    prompt = ModelRequest(parts=[UserPromptPart(content=run.input[0]["text"])])
-    role, parts = conversation.api_view(prompt)
-    message = _Said(
-        new_id(), run.id, max((m.seq for m in history), default=0) + 1, conversation.dump(prompt)
-    )
-    await session.execute(
-        _insert_of(Message),
-        {
-            "id": message.id,
-            "workspace_id": run.workspace_id,
-            "thread_id": run.thread_id,
-            "run_id": run.id,
-            "seq": message.seq,
-            "role": role,
-            "parts": parts,
-            "raw": message.raw,
-            "created_at": now,
-            "updated_at": now,
-        },
-    )
     return _Claimed(
         run=run,
         taken_over=False,
-        history=[*history, message],
+        history=history,
         allow_private_network=bool(allow_private_network),
         providers=list(providers),
         steps_done=0,
