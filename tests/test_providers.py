@@ -699,3 +699,94 @@ async def test_runs_share_a_built_model_until_its_connection_changes(
             await Agent(first).run("Hi")  # the old key is refused
     finally:
         await clients.aclose()
+
+
+async def test_openai_style_models_send_the_conversation_as_is_past_the_sdk_transform(
+    fake: tuple[FakeOpenAI, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model Heron builds for an OpenAI-style connection hands a request's messages and tools
+    to the SDK past its request transform (a walk of the whole body that changes nothing for
+    chat completions and costs a quarter of a tool loop's CPU), and the bytes sent are the same
+    as the stock SDK client's, streamed or not, for every kind of message."""
+    import openai.resources.chat.completions.completions as sdk
+    from openai import AsyncOpenAI
+    from pydantic_ai.messages import (
+        ImageUrl,
+        ModelRequest,
+        ModelResponse,
+        TextPart,
+        ToolCallPart,
+        ToolReturnPart,
+        UserPromptPart,
+    )
+    from pydantic_ai.models.openai import OpenAIChatModel
+    from pydantic_ai.providers.openai_compatible import OpenAICompatibleProvider
+
+    from heron.providers.connection import ProviderConnection
+    from heron.providers.models import ProviderKind
+    from heron.providers.runtime import HttpClients
+
+    transformed: list[Any] = []
+    transform = sdk.async_maybe_transform
+
+    async def spy(data: Any, expected_type: Any) -> Any:
+        transformed.append(data)
+        return await transform(data, expected_type)
+
+    monkeypatch.setattr(sdk, "async_maybe_transform", spy)
+
+    def calculator(expression: str) -> str:
+        """Evaluate an arithmetic expression."""
+        return "4"
+
+    history = [
+        ModelRequest(
+            parts=[
+                UserPromptPart(["What is in it, ünïcode?", ImageUrl("https://example.com/a.png")])
+            ]
+        ),
+        ModelResponse(
+            parts=[
+                TextPart("Let me count."),
+                ToolCallPart("calculator", {"expression": "2 + 2"}, tool_call_id="call_1"),
+            ]
+        ),
+        ModelRequest(parts=[ToolReturnPart("calculator", {"value": 4}, tool_call_id="call_1")]),
+        ModelResponse(parts=[ToolCallPart("calculator", '{"expression": "2 +"}', "call_2")]),
+        ModelRequest(
+            parts=[
+                ToolReturnPart("calculator", "Incomplete expression.", "call_2", outcome="retried")
+            ]
+        ),
+        ModelResponse(parts=[TextPart("It shows 4.")]),
+    ]
+    server, url = fake
+    connection = ProviderConnection(
+        name="llm", kind=ProviderKind.openai_compatible, base_url=url, api_key=API_KEY
+    )
+    clients = HttpClients()
+    try:
+        heron_model = ModelRuntime([connection], clients=clients).model("llm:gpt-test")
+        stock_model = OpenAIChatModel(
+            "gpt-test",
+            provider=OpenAICompatibleProvider(
+                "llm", openai_client=AsyncOpenAI(base_url=url, api_key=API_KEY)
+            ),
+        )
+        for model in (heron_model, stock_model):
+            agent = Agent(model, instructions="Be exact.", tools=[calculator])
+            server.push(Reply(text="Four."), Reply(text="Four.", chunk_size=2))
+            assert (await agent.run("And now?", message_history=history)).output == "Four."
+            async with agent.run_stream("And now?", message_history=history) as streamed:
+                assert await streamed.get_output() == "Four."
+    finally:
+        await clients.aclose()
+
+    heron_sent, stock_sent = server.chat_requests[:2], server.chat_requests[2:]
+    for ours, theirs in zip(heron_sent, stock_sent, strict=True):
+        assert ours.raw == theirs.raw
+        assert len(ours.body["messages"]) == 8
+        assert len(ours.body["tools"]) == 1
+    # Heron's requests gave the transform empty placeholders; the stock client, everything.
+    assert [len(t["messages"]) for t in transformed] == [0, 0, 8, 8]
+    assert [len(t["tools"]) for t in transformed] == [0, 0, 1, 1]

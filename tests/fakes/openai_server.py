@@ -140,6 +140,7 @@ class RecordedRequest:
     path: str
     headers: dict[str, str]
     body: Any
+    raw: bytes = b""  # the body as sent
     completed: bool = False  # a stream: every chunk was sent
     disconnected: bool = False  # a stream: the client went away before the end
 
@@ -217,6 +218,7 @@ class FakeOpenAI:
             path=request.url.path,
             headers={k.lower(): v for k, v in request.headers.items()},
             body=body,
+            raw=raw,
         )
         self.requests.append(recorded)
         return recorded

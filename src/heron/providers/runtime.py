@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -55,6 +55,9 @@ from tenacity import retry_if_exception, stop_after_attempt, wait_exponential_ji
 from heron.core.errors import FieldError, ValidationFailed
 from heron.providers.connection import ProviderConnection
 from heron.providers.models import ProviderKind
+
+if TYPE_CHECKING:
+    from openai import AsyncOpenAI
 
 # Statuses worth sending the same request again for: the provider may answer differently soon.
 RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
@@ -325,25 +328,19 @@ class ModelRuntime:
             from pydantic_ai.providers.openai import OpenAIProvider
             from pydantic_ai.providers.openai_compatible import OpenAICompatibleProvider
 
-            client = self._httpx2_client(connection)
+            client = self._openai_client(connection)
             if kind == ProviderKind.openai:
-                openai = OpenAIProvider(base_url=endpoint, api_key=key, http_client=client)
+                openai = OpenAIProvider(openai_client=client)
                 return OpenAIChatModel(model_name, provider=openai, settings=settings)
             # Named after the connection, so responses say which connection answered.
-            compatible = OpenAICompatibleProvider(
-                connection.name, base_url=endpoint, api_key=key, http_client=client
-            )
+            compatible = OpenAICompatibleProvider(connection.name, openai_client=client)
             return OpenAIChatModel(model_name, provider=compatible, settings=settings)
         if kind == ProviderKind.openrouter:
-            from openai import AsyncOpenAI
             from pydantic_ai.models.openrouter import OpenRouterModel
             from pydantic_ai.providers.openrouter import OpenRouterProvider
 
             # OpenRouterProvider takes no base URL; a client made here can have one.
-            openai_client = AsyncOpenAI(
-                base_url=endpoint, api_key=key, http_client=self._httpx2_client(connection)
-            )
-            router = OpenRouterProvider(openai_client=openai_client)
+            router = OpenRouterProvider(openai_client=self._openai_client(connection))
             return OpenRouterModel(model_name, provider=router, settings=settings)
         if kind == ProviderKind.anthropic:
             from pydantic_ai.models.anthropic import AnthropicModel
@@ -378,6 +375,19 @@ class ModelRuntime:
             )
             return MistralModel(model_name, provider=mistral, settings=settings)
         raise AssertionError(f"unhandled provider kind {kind}")
+
+    def _openai_client(self, connection: ProviderConnection) -> AsyncOpenAI:
+        """The OpenAI SDK client of an OpenAI-style connection: one that sends a request's
+        messages and tools without the SDK's transform (heron.providers.openai_client). A
+        connection without a key sends a placeholder, as pydantic-ai's providers do: the
+        server's own `OPENAI_API_KEY` is never picked up for it."""
+        from heron.providers.openai_client import PassthroughOpenAI
+
+        return PassthroughOpenAI(
+            base_url=connection.endpoint,
+            api_key=connection.api_key or "api-key-not-set",
+            http_client=self._httpx2_client(connection),
+        )
 
     def _httpx2_client(self, connection: ProviderConnection) -> httpx2.AsyncClient:
         return self._clients.httpx2(connection, self._retry)
