@@ -8,9 +8,11 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import Connection, delete, insert, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from heron.db.engine import Database
 from heron.runs.executor import _uninterrupted
@@ -99,3 +101,120 @@ async def test_a_write_cancelled_while_it_runs_ends_first_then_the_task_stops(
         await task
     assert recorded == ["written"]
     assert await _names(db, [workspace_id]) == ["slow"]
+
+
+async def test_direct_statements_store_exactly_what_core_stores(db: Database) -> None:
+    """The checkpoint's statements on SQLite skip Core (heron.db.direct): a row they insert or
+    update is stored byte for byte as Core stores it (UUIDs, UTC timestamps, JSON under a
+    column named apart from its key, Python defaults and `onupdate`), and read back the same."""
+    if not db.is_sqlite:
+        pytest.skip("direct statements are written for SQLite's DBAPI")
+    from sqlalchemy import text, update
+
+    from heron.db.direct import direct_insert, direct_update
+    from heron.threads.models import Thread
+
+    workspace, by_core, direct, defaulted = (uuid.uuid4() for _ in range(4))
+    when = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    meta = {"k": ["ü", 1, None, 2.5], "nested": {"ok": True}}
+
+    def row(thread_id: uuid.UUID) -> dict[str, object]:
+        return {
+            "id": thread_id,
+            "workspace_id": workspace,
+            "metadata": meta,  # the column's name and key; `meta` is the ORM attribute
+            "created_at": when,
+            "updated_at": when,
+        }
+
+    def stored(conn: Connection, thread_id: uuid.UUID) -> dict[str, object]:
+        query = text("SELECT * FROM threads WHERE id = :id")
+        found = dict(conn.execute(query, {"id": thread_id.hex}).mappings().one())
+        assert found.pop("id") == thread_id.hex
+        return found
+
+    def work(conn: Connection) -> list[dict[str, object]]:
+        conn.execute(insert(Workspace).values(id=workspace, name="direct"))
+        conn.execute(insert(Thread), [row(by_core)])
+        statement = direct_insert(Thread, conn.dialect)
+        statement.execute(conn, [row(direct), {"id": defaulted, "workspace_id": workspace}])
+        inserted = [stored(conn, by_core), stored(conn, direct)]
+        conn.execute(
+            update(Thread).where(Thread.id == by_core, Thread.workspace_id == workspace),
+            {"metadata": {"x": [1]}},
+        )
+        changed = direct_update(Thread, conn.dialect, ("metadata",), ("id", "workspace_id"))
+        values = {"metadata": {"x": [1]}, "id": direct, "workspace_id": workspace}
+        assert changed.execute(conn, values) == 1
+        with pytest.raises(KeyError):
+            changed.execute(conn, {"metadata": {}, "id": direct})  # no workspace: refused
+        return [*inserted, stored(conn, by_core), stored(conn, direct)]
+
+    core_inserted, direct_inserted, core_updated, direct_updated = await db.transaction(work)
+    assert direct_inserted == core_inserted
+    # `updated_at` took its onupdate on both (microseconds apart): the rest is the same.
+    assert direct_updated.pop("updated_at") != direct_inserted["updated_at"]
+    assert core_updated.pop("updated_at") != core_inserted["updated_at"]
+    assert direct_updated == core_updated
+    async with db.session(write=False) as session:
+        threads = {t.id: t for t in await session.scalars(select(Thread))}
+    assert threads[direct].meta == {"x": [1]}
+    assert threads[direct].created_at == when
+    assert threads[direct].updated_at > when
+    assert threads[defaulted].meta == {}  # the Python default
+    assert threads[defaulted].created_at.tzinfo is not None
+
+    # A key that is no attribute is refused, as Core refuses it.
+    with pytest.raises(KeyError, match="not a column"):
+        direct_insert(Thread, db.engine.dialect).parameters([{"meta": {}}])
+
+    # A server-side default would never apply to a statement naming every column.
+    class Served(DeclarativeBase):
+        pass
+
+    class Counter(Served):
+        __tablename__ = "counters"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        n: Mapped[int] = mapped_column(server_default=text("1"))
+
+    with pytest.raises(ValueError, match="server-side default"):
+        direct_insert(Counter, db.engine.dialect)
+
+
+async def test_a_pooled_read_connection_never_keeps_an_old_snapshot(db: Database) -> None:
+    """Read connections go back to the pool without the pool's own ROLLBACK (on SQLite): every
+    session and connection ends the transaction it began, so the next read on the same
+    connection sees the latest commit, after a session, a bare connection or a failed read."""
+    workspace = uuid.uuid4()
+    await db.transaction(
+        lambda conn: conn.execute(insert(Workspace).values(id=workspace, name="a"))
+    )
+
+    def rename(name: str) -> Callable[[Connection], object]:
+        return lambda conn: conn.execute(
+            Workspace.__table__.update().where(Workspace.id == workspace).values(name=name)
+        )
+
+    async def read() -> str | None:
+        async with db.session(write=False) as session:
+            return await session.scalar(select(Workspace.name).where(Workspace.id == workspace))
+
+    assert await read() == "a"
+    await db.transaction(rename("b"))
+    assert await read() == "b"
+    async with db.engine.connect() as conn:  # a bare connection's read, never committed
+        assert (await conn.execute(select(Workspace.name))).first() is not None
+    await db.transaction(rename("c"))
+    assert await read() == "c"
+
+    async def failing_read() -> None:
+        async with db.session(write=False) as session:
+            await session.scalar(select(Workspace.name))
+            raise ValueError("the read fails midway")
+
+    with pytest.raises(ValueError, match="fails"):
+        await failing_read()
+    await db.transaction(rename("d"))
+    # Every pooled connection, the ones used above among them, sees the last name.
+    names = await asyncio.gather(*(read() for _ in range(12)))
+    assert set(names) == {"d"}

@@ -50,7 +50,15 @@ class Database:
         self.is_sqlite = self.url.get_backend_name() == "sqlite"
         if self.is_sqlite:
             self.engine = _sqlite_engine(
-                url, echo=echo, begin="BEGIN", pool_size=pool_size, max_overflow=pool_size
+                url,
+                echo=echo,
+                begin="BEGIN",
+                pool_size=pool_size,
+                max_overflow=pool_size,
+                # As the write engine's below: sessions and connections end what they began,
+                # so the pool's own ROLLBACK on check-in would be one more hand-over to the
+                # driver's thread at the end of every read.
+                pool_reset_on_return=None,
             )
             self.write_engine = _sqlite_engine(
                 url,

@@ -83,6 +83,7 @@ from heron.core.crypto import SecretBox
 from heron.core.errors import HeronError
 from heron.core.ids import new_id, utcnow
 from heron.core.tasks import cancel_and_wait
+from heron.db.direct import direct_insert, direct_update
 from heron.db.engine import Database, is_transient
 from heron.knowledge.service import AgentKnowledge, embedder_factory
 from heron.providers import service as providers
@@ -415,9 +416,7 @@ async def _checkpoint(
         if conn.dialect.name == "postgresql":
             _write_progress_postgres(conn, progress, run_values, rows)
             return
-        if rows:
-            conn.execute(_insert_of(Message), rows)
-        _write_progress(conn, progress, run_values)
+        _write_progress_sqlite(conn, progress, run_values, rows)
 
     # Once handed over, the transaction ends as a whole (on SQLite its thread commits it
     # whatever happens to this task): a cancellation meanwhile waits for it, so what is kept in
@@ -460,15 +459,22 @@ def _owner_is_gone(owner: str | None) -> bool:
     return False
 
 
-def _write_progress(conn: Connection, progress: _Progress, run_values: dict[str, Any]) -> None:
-    """Steps and events since the last checkpoint, the run's new values, a renewed lease."""
+def _write_progress_sqlite(
+    conn: Connection,
+    progress: _Progress,
+    run_values: dict[str, Any],
+    messages: list[dict[str, Any]],
+) -> None:
+    """The new messages, steps and events since the last checkpoint, the run's new values and a
+    renewed lease: statements run straight on the DBAPI cursor (heron.db.direct), the same rows
+    as Core would write for a fraction of its cost per statement."""
     run = progress.run
-    if progress.steps:
-        conn.execute(_insert_of(Step), progress.steps)
-    if progress.events:
-        conn.execute(_insert_of(RunEvent), progress.events)
+    dialect = conn.dialect
+    for model, rows in ((Message, messages), (Step, progress.steps), (RunEvent, progress.events)):
+        direct_insert(model, dialect).execute(conn, rows)
     values = _progress_values(progress, run_values, utcnow())
-    conn.execute(_update_run(tuple(values)), _run_params(run, values))
+    update = direct_update(Run, dialect, tuple(values), ("id", "workspace_id"))
+    update.execute(conn, values | {"id": run.id, "workspace_id": run.workspace_id})
 
 
 def _write_progress_postgres(
