@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import httpx
+import pytest
 
 from conftest import Tenant, make_settings, serve
 from heron.app import create_app
@@ -64,3 +65,35 @@ async def test_openapi_and_docs_are_served(client: httpx.AsyncClient) -> None:
     error = spec["paths"]["/api/keys"]["post"]["responses"]["422"]
     assert "application/problem+json" in error["content"]
     assert (await client.get("/docs")).status_code == 200
+
+
+@pytest.mark.parametrize("fmt", ["console", "json"])
+def test_logged_tracebacks_show_the_frames_but_never_their_locals(
+    fmt: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An error logged with its traceback names the code that failed, in both formats, and
+    prints no frame's local variables (a key or token held in one would end up in the log)."""
+    import logging
+
+    import structlog
+
+    from heron.core.logging import configure_logging
+
+    def fail(api_key: str) -> None:
+        raise RuntimeError("the provider refused")
+
+    secret = "-".join(["sk", "live", "should", "never", "be", "logged"])  # not in any source line
+    configure_logging("info", fmt)
+    try:
+        try:
+            fail(secret)
+        except RuntimeError:
+            structlog.get_logger("heron.test").exception("call_failed")
+        err = capsys.readouterr().err
+    finally:
+        configure_logging("warning", "console")
+        logging.getLogger().setLevel(logging.WARNING)
+    assert "call_failed" in err
+    assert "the provider refused" in err
+    assert "in fail" in err  # the frame that raised
+    assert secret not in err
