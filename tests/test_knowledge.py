@@ -699,3 +699,23 @@ async def test_a_knowledge_base_can_embed_with_a_providers_model(
     )
     assert orphaned.status_code == 409
     assert "gateway" in orphaned.json()["detail"]
+
+
+async def test_the_first_ingested_document_settles_the_heap_once(
+    client: httpx.AsyncClient, alice: Tenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parsers and the embedder are loaded once a document is ready: the heap is collected
+    and frozen then (heron.core.heap), once, not for every document."""
+    import gc
+
+    from heron.core import heap
+
+    frozen: list[int] = []
+    monkeypatch.setattr(heap, "_settled", set())
+    monkeypatch.setattr(gc, "freeze", lambda: frozen.append(1))
+    kb = await create_kb(client, alice, "settled")
+    for n in range(3):
+        await add(client, alice, kb["id"], text=f"{HERONS}\n\nCopy {n}.", title=f"Herons {n}")
+    progress = await wait_idle(client, alice, kb["id"])
+    assert progress["by_status"]["ready"] == 3
+    assert frozen == [1]

@@ -974,3 +974,52 @@ async def test_a_cancel_sent_to_another_api_process_stops_the_run(
             final = await wait_status(c2, alice, run["id"], "cancelled", "completed", "failed")
     assert final["status"] == "cancelled"
     assert not fake.chat_requests[0].completed
+
+
+async def test_the_first_finished_run_settles_the_heap_once(
+    client: httpx.AsyncClient,
+    alice: Tenant,
+    llm: tuple[FakeOpenAI, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Once the process has finished its first run, the libraries a run needs are loaded: the
+    heap is collected and frozen then (heron.core.heap), so full collections stop rescanning
+    them; later runs leave it alone."""
+    import gc
+
+    from heron.core import heap
+
+    frozen: list[int] = []
+    monkeypatch.setattr(heap, "_settled", set())
+    monkeypatch.setattr(gc, "freeze", lambda: frozen.append(1))
+    fake, url = llm
+    await make_agent(client, alice, url)
+    for answer in ("One.", "Two."):
+        thread = await new_thread(client, alice)
+        fake.push(Reply(text=answer))
+        run = (
+            await client.post(
+                f"/api/threads/{thread}/runs/wait",
+                json={"agent": "helper", "input": "Count."},
+                headers=alice.headers,
+            )
+        ).json()
+        assert run["output"] == answer
+    for _ in range(100):  # the executor settles just after announcing the end
+        if frozen:
+            break
+        await asyncio.sleep(0.05)
+    assert frozen == [1]
+
+
+def test_settling_freezes_what_is_alive_once_per_kind(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+
+    from heron.core import heap
+
+    monkeypatch.setattr(heap, "_settled", set())
+    kept = [[n] for n in range(10)]  # alive, tracked by the collector: frozen with the rest
+    assert heap.settle("test")
+    assert gc.get_freeze_count() >= len(kept)
+    assert not heap.settle("test")
+    assert heap.settle("another kind")

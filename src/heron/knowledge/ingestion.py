@@ -27,6 +27,7 @@ import structlog
 from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 
+from heron.core import heap
 from heron.core.crypto import SecretBox
 from heron.core.errors import HeronError
 from heron.core.ids import utcnow
@@ -109,6 +110,7 @@ async def ingest_document(ctx: IngestionContext, document_id: uuid.UUID) -> Docu
     finally:
         await cancel_and_wait([heartbeat])
     bound.info("document_ready", chunks=chunks, attempt=doc.attempts)
+    heap.settle("ingestion")  # the first time only: parsers and the embedder are loaded now
     return DocumentStatus.ready
 
 

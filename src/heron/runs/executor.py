@@ -79,6 +79,7 @@ from sqlalchemy.orm import Session, aliased
 from sqlalchemy.orm.attributes import set_committed_value
 
 from heron.agents.spec import AgentSpec, render_instructions
+from heron.core import heap
 from heron.core.crypto import SecretBox
 from heron.core.errors import HeronError
 from heron.core.ids import new_id, utcnow
@@ -831,9 +832,11 @@ async def execute_run(
     run = claimed.run
     progress = _Progress(run=run, seq=run.last_event_seq, step_index=claimed.steps_done)
     try:
-        return await _run_to_end(ctx, progress, claimed)
+        status = await _run_to_end(ctx, progress, claimed)
     finally:
         ctx.finishing.discard(run.id)
+    heap.settle("run")  # the first time only: the libraries a run needs are loaded now
+    return status
 
 
 async def _run_to_end(ctx: RunContext, progress: _Progress, claimed: _Claimed) -> RunStatus:
