@@ -1023,3 +1023,49 @@ def test_settling_freezes_what_is_alive_once_per_kind(monkeypatch: pytest.Monkey
     assert gc.get_freeze_count() >= len(kept)
     assert not heap.settle("test")
     assert heap.settle("another kind")
+
+
+async def test_a_run_failing_after_an_answer_keeps_that_answer(
+    client: httpx.AsyncClient, alice: Tenant, llm: tuple[FakeOpenAI, str]
+) -> None:
+    """An answer without tool calls is written with whatever is written next, not by a write
+    of its own: here a structured-output agent keeps answering plain text until pydantic-ai
+    gives up. Every answer is in the thread, the last one written by the run's failure, and
+    each has its step and its `message.completed` event."""
+    fake, url = llm
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    await make_agent(client, alice, url, output_schema=schema)
+    thread = await new_thread(client, alice)
+    fake.push(*(Reply(text=f"Plain words, try {n}.") for n in range(1, 6)))
+    run = (
+        await client.post(
+            f"/api/threads/{thread}/runs/wait",
+            json={"agent": "helper", "input": "Give me n."},
+            headers=alice.headers,
+        )
+    ).json()
+    assert run["status"] == "failed", run
+    asked = len(fake.chat_requests)
+    assert asked >= 2
+    messages = (await client.get(f"/api/threads/{thread}/messages", headers=alice.headers)).json()
+    said = [
+        part["text"]
+        for m in messages["items"]
+        if m["role"] == "assistant"
+        for part in m["parts"]
+        if part["type"] == "text"
+    ]
+    assert said == [f"Plain words, try {n}." for n in range(1, asked + 1)]
+    assert messages["items"][-1]["role"] == "assistant"  # the last answer, not lost
+    steps = (await client.get(f"/api/runs/{run['id']}/steps", headers=alice.headers)).json()
+    assert [s["kind"] for s in steps] == ["model"] * asked
+    stored = (await client.get(f"/api/runs/{run['id']}", headers=alice.headers)).json()
+    assert stored["model"] is not None
+    assert stored["output_tokens"] > 0
+    async with client.stream(
+        "GET", f"/api/runs/{run['id']}/events", headers=alice.headers
+    ) as response:
+        events = await read_sse(response)
+    kinds = [e["event"] for e in events]
+    assert kinds.count("message.completed") == asked
+    assert kinds[-1] == "run.failed"

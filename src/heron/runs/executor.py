@@ -140,6 +140,11 @@ class _Progress:
     events: list[dict[str, Any]] = field(default_factory=list)
     steps: list[dict[str, Any]] = field(default_factory=list)
     step_index: int = 0
+    # A model answer without tool calls (usually the last one) is not written by a checkpoint
+    # of its own: whatever is written next carries it, the run's end at the latest, in the same
+    # transaction. Until then: the conversation as of that answer, and the run values it set.
+    answered: list[ModelMessage] | None = None
+    values: dict[str, Any] = field(default_factory=dict)
 
     def step(
         self,
@@ -365,6 +370,7 @@ async def _checkpoint(
     `messages` is the whole conversation as the run sees it; None leaves the stored one as is.
     `guard` runs first in the transaction; whatever it raises rolls the whole write back."""
     run = progress.run
+    run_values = progress.values | run_values
     kept = progress.stored
     replaced: list[_Stored] = []
     added: list[dict[str, Any]] = []
@@ -427,7 +433,9 @@ async def _checkpoint(
         await _write(ctx, work)
         progress.stored = kept
         progress.next_message_seq = seq + len(added)
-        progress.events, progress.steps = [], []
+        progress.events, progress.steps, progress.values = [], [], {}
+        if messages is not None:
+            progress.answered = None
 
     await _uninterrupted(write())
 
@@ -945,9 +953,13 @@ async def _finish(
         data |= {"pending": values.get("pending_approvals")}
     elif status == RunStatus.failed:
         data |= {"error_code": values["error_code"], "error_message": values["error_message"]}
-    # A run that ends early keeps what its completed steps wrote, nothing of the step it was
-    # in; one that completes or pauses writes the conversation as it ends.
-    complete = messages if status in (RunStatus.completed, RunStatus.requires_action) else None
+    # A run that ends early keeps what its completed steps wrote (an answer not written yet
+    # among them), nothing of the step it was in; one that completes or pauses writes the
+    # conversation as it ends.
+    if status in (RunStatus.completed, RunStatus.requires_action):
+        complete: list[ModelMessage] | None = messages
+    else:
+        complete = progress.answered
     # The final state is committed before anyone hears of it, so a client that reads the run
     # after the event sees the state the event announced. Shielded: a cancelled run still
     # records its end.
@@ -1109,14 +1121,19 @@ async def _loop(
                             "message.completed",
                             {"role": "assistant", "parts": parts, "model": model_name},
                         )
-                        await _checkpoint(
-                            ctx,
-                            progress,
-                            messages,
-                            input_tokens=input_tokens,
-                            output_tokens=output_tokens,
-                            model=model_name,
-                        )
+                        answer: dict[str, Any] = {
+                            "input_tokens": input_tokens,
+                            "output_tokens": output_tokens,
+                            "model": model_name,
+                        }
+                        if response.tool_calls:
+                            # Written before any of its tools runs: a crash from here on
+                            # never asks the model again for calls that may have run.
+                            await _checkpoint(ctx, progress, messages, **answer)
+                        else:
+                            # No tool runs on it: the next write carries it (the run's end,
+                            # or the request a failed output check makes), one less per run.
+                            progress.answered, progress.values = messages, answer
                     elif Agent.is_call_tools_node(node):
                         if node.model_response.tool_calls:
                             if rounds >= spec.max_steps:
