@@ -701,15 +701,36 @@ async def test_runs_share_a_built_model_until_its_connection_changes(
         await clients.aclose()
 
 
-async def test_openai_style_models_send_the_conversation_as_is_past_the_sdk_transform(
-    fake: tuple[FakeOpenAI, str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A model Heron builds for an OpenAI-style connection hands a request's messages and tools
-    to the SDK past its request transform (a walk of the whole body that changes nothing for
-    chat completions and costs a quarter of a tool loop's CPU), and the bytes sent are the same
-    as the stock SDK client's, streamed or not, for every kind of message."""
-    import openai.resources.chat.completions.completions as sdk
+def _stock_model(kind: str, url: str) -> Any:
+    """pydantic-ai's model for `kind` on the fake server, with the SDK's own client."""
+    if kind == "groq":
+        from groq import AsyncGroq
+        from pydantic_ai.models.groq import GroqModel
+        from pydantic_ai.providers.groq import GroqProvider
+
+        root = url.removesuffix("/v1")  # Groq's SDK adds `/openai/v1`
+        client = AsyncGroq(base_url=root, api_key=API_KEY, http_client=httpx.AsyncClient())
+        return GroqModel("gpt-test", provider=GroqProvider(groq_client=client))
     from openai import AsyncOpenAI
+    from pydantic_ai.models.openai import OpenAIChatModel
+    from pydantic_ai.providers.openai_compatible import OpenAICompatibleProvider
+
+    provider = OpenAICompatibleProvider(
+        "llm", openai_client=AsyncOpenAI(base_url=url, api_key=API_KEY)
+    )
+    return OpenAIChatModel("gpt-test", provider=provider)
+
+
+@pytest.mark.parametrize("kind", ["openai-compatible", "groq"])
+async def test_models_send_the_conversation_as_is_past_the_sdk_transform(
+    kind: str, fake: tuple[FakeOpenAI, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model Heron builds for an OpenAI-style or Groq connection hands a request's messages
+    and tools to the SDK past its request transform (a walk of the whole body that changes
+    nothing for chat completions and costs a quarter of a tool loop's CPU), and the bytes sent
+    are the same as the stock SDK client's, streamed or not, for every kind of message."""
+    import groq.resources.chat.completions as groq_sdk
+    import openai.resources.chat.completions.completions as openai_sdk
     from pydantic_ai.messages import (
         ImageUrl,
         ModelRequest,
@@ -719,13 +740,12 @@ async def test_openai_style_models_send_the_conversation_as_is_past_the_sdk_tran
         ToolReturnPart,
         UserPromptPart,
     )
-    from pydantic_ai.models.openai import OpenAIChatModel
-    from pydantic_ai.providers.openai_compatible import OpenAICompatibleProvider
 
     from heron.providers.connection import ProviderConnection
     from heron.providers.models import ProviderKind
     from heron.providers.runtime import HttpClients
 
+    sdk: Any = groq_sdk if kind == "groq" else openai_sdk
     transformed: list[Any] = []
     transform = sdk.async_maybe_transform
 
@@ -762,18 +782,15 @@ async def test_openai_style_models_send_the_conversation_as_is_past_the_sdk_tran
     ]
     server, url = fake
     connection = ProviderConnection(
-        name="llm", kind=ProviderKind.openai_compatible, base_url=url, api_key=API_KEY
+        name="llm",
+        kind=ProviderKind(kind),
+        base_url=url.removesuffix("/v1") if kind == "groq" else url,
+        api_key=API_KEY,
     )
     clients = HttpClients()
     try:
         heron_model = ModelRuntime([connection], clients=clients).model("llm:gpt-test")
-        stock_model = OpenAIChatModel(
-            "gpt-test",
-            provider=OpenAICompatibleProvider(
-                "llm", openai_client=AsyncOpenAI(base_url=url, api_key=API_KEY)
-            ),
-        )
-        for model in (heron_model, stock_model):
+        for model in (heron_model, _stock_model(kind, url)):
             agent = Agent(model, instructions="Be exact.", tools=[calculator])
             server.push(Reply(text="Four."), Reply(text="Four.", chunk_size=2))
             assert (await agent.run("And now?", message_history=history)).output == "Four."
@@ -782,6 +799,7 @@ async def test_openai_style_models_send_the_conversation_as_is_past_the_sdk_tran
     finally:
         await clients.aclose()
 
+    assert len(server.chat_requests) == 4
     heron_sent, stock_sent = server.chat_requests[:2], server.chat_requests[2:]
     for ours, theirs in zip(heron_sent, stock_sent, strict=True):
         assert ours.raw == theirs.raw

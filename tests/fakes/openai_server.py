@@ -186,7 +186,7 @@ class FakeOpenAI:
 
     @property
     def chat_requests(self) -> list[RecordedRequest]:
-        return [r for r in self.requests if r.path == "/v1/chat/completions"]
+        return [r for r in self.requests if r.path.endswith("/v1/chat/completions")]
 
     @property
     def embedding_requests(self) -> list[RecordedRequest]:
@@ -204,6 +204,8 @@ class FakeOpenAI:
         app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
         app.add_api_route("/v1/models", self._models, methods=["GET"])
         app.add_api_route("/v1/chat/completions", self._chat, methods=["POST"])
+        # Groq's SDK posts its OpenAI-compatible chat completions under `/openai`.
+        app.add_api_route("/openai/v1/chat/completions", self._chat, methods=["POST"])
         app.add_api_route("/v1/embeddings", self._embeddings, methods=["POST"])
         return app
 

@@ -362,9 +362,15 @@ class ModelRuntime:
             from pydantic_ai.models.groq import GroqModel
             from pydantic_ai.providers.groq import GroqProvider
 
-            groq = GroqProvider(
-                api_key=key, base_url=endpoint, http_client=self._httpx_client(connection)
+            from heron.providers.groq_client import PassthroughGroq
+
+            # Messages and tools sent past the SDK's transform (heron.providers.sdkbody).
+            groq_client = PassthroughGroq(
+                base_url=endpoint,
+                api_key=key or "api-key-not-set",
+                http_client=self._httpx_client(connection),
             )
+            groq = GroqProvider(groq_client=groq_client)
             return GroqModel(model_name, provider=groq, settings=settings)
         if kind == ProviderKind.mistral:
             from pydantic_ai.models.mistral import MistralModel
@@ -378,7 +384,7 @@ class ModelRuntime:
 
     def _openai_client(self, connection: ProviderConnection) -> AsyncOpenAI:
         """The OpenAI SDK client of an OpenAI-style connection: one that sends a request's
-        messages and tools without the SDK's transform (heron.providers.openai_client). A
+        messages and tools without the SDK's transform (heron.providers.sdkbody). A
         connection without a key sends a placeholder, as pydantic-ai's providers do: the
         server's own `OPENAI_API_KEY` is never picked up for it."""
         from heron.providers.openai_client import PassthroughOpenAI
