@@ -245,7 +245,7 @@ async def test_bm25_from_merged_blocks_is_exactly_brute_force_bm25(
 
 
 def test_the_postings_cache_keeps_the_recently_used_within_its_bytes() -> None:
-    cache = index.PostingCache(max_bytes=4 * 1600)
+    cache = index.posting_cache(max_bytes=4 * 1600)
     kb = uuid.uuid4()
 
     def postings(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -261,3 +261,26 @@ def test_the_postings_cache_keeps_the_recently_used_within_its_bytes() -> None:
     cache.put(("db", kb, 1, "huge"), postings(200))  # over a quarter of the cache: not kept
     assert cache.get(("db", kb, 1, "huge")) is None
     assert all(cache.get(("db", kb, 1, t)) is not None for t in "acde")
+
+
+def test_a_sized_cache_without_a_largest_share_keeps_the_newest_and_forgets_by_key() -> None:
+    """As the vector matrices are held: the newest always stays, even alone over the budget;
+    older ones go, least recently used first; a deleted knowledge base's entries go at once."""
+    from heron.core.lru import SizedLRU
+
+    cache: SizedLRU[tuple[str, str], bytes] = SizedLRU(10, len)
+    cache.put(("db", "a"), b"12345")
+    cache.put(("db", "b"), b"1234")
+    assert cache.get(("db", "a")) == b"12345"  # now the most recently used
+    cache.put(("db", "c"), b"12")
+    assert cache.get(("db", "b")) is None
+    assert cache.nbytes == 7
+    cache.put(("db", "huge"), b"x" * 50)  # over the budget on its own: kept, alone
+    assert cache.get(("db", "huge")) is not None
+    assert cache.get(("db", "a")) is None
+    assert cache.nbytes == 50
+    cache.put(("db", "c"), b"12")
+    cache.discard(lambda key: key[1] == "huge")
+    assert cache.get(("db", "huge")) is None
+    assert cache.get(("db", "c")) == b"12"
+    assert cache.nbytes == 2

@@ -16,6 +16,7 @@ from heron.agents.router import router as agents_router
 from heron.auth.router import router as auth_router
 from heron.core.crypto import SecretBox
 from heron.core.errors import PROBLEM_JSON, FieldError, Problem, install_error_handlers
+from heron.core.leases import owner_id
 from heron.core.logging import configure_logging
 from heron.core.middleware import RequestContextMiddleware, SizeLimitMiddleware
 from heron.core.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
@@ -34,7 +35,7 @@ from heron.ops.router import router as ops_router
 from heron.providers.router import router as providers_router
 from heron.runs.dispatch import WorkerRuns
 from heron.runs.events import EventLog, MemoryEventLog, RedisEventLog
-from heron.runs.executor import RunContext, RunExecutor, owner_id
+from heron.runs.executor import RunContext, RunExecutor
 from heron.runs.router import router as runs_router
 from heron.settings import Settings, SettingsError, load_settings
 from heron.tenancy.router import router as tenancy_router

@@ -25,6 +25,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from heron.core.crypto import SecretBox
+from heron.core.leases import owner_id
 from heron.core.redisclient import redis_client
 from heron.core.tasks import cancel_and_wait
 from heron.db.engine import Database
@@ -34,7 +35,7 @@ from heron.knowledge import index as knowledge_index
 from heron.knowledge.ingestion import IngestionContext, IngestionExecutor
 from heron.runs.dispatch import CANCEL_CHANNEL
 from heron.runs.events import RedisEventLog
-from heron.runs.executor import LEASE, RunContext, RunExecutor, owner_id
+from heron.runs.executor import LEASE, RunContext, RunExecutor
 from heron.settings import Settings
 
 if TYPE_CHECKING:

@@ -31,9 +31,8 @@ import asyncio
 import functools
 import json
 import math
-import threading
 import uuid
-from collections import Counter, OrderedDict, defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -42,6 +41,7 @@ from sqlalchemy import Select, TextClause, bindparam, delete, select, text, upda
 from sqlalchemy import insert as core_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from heron.core.lru import SizedLRU
 from heron.knowledge.models import Chunk, KeywordTerm, KnowledgeBase, TermBlock
 from heron.knowledge.terms import query_terms, terms
 
@@ -426,7 +426,7 @@ async def _bm25(
     seen = 0
     # SQLite: the knowledge base's matrix, when this process holds it at this version, has
     # every chunk id (sorted): liveness needs no query.
-    matrix = matrices.get(_matrix_key(session, kb), kb.index_version)
+    matrix = _held_matrix(_matrix_key(session, kb), kb.index_version)
     while len(hits) < limit and seen < len(ids):
         # The next best ones, skipping chunks deleted since their postings were written.
         want = min(seen + max(2 * (limit - len(hits)), 16), len(ids))
@@ -445,7 +445,7 @@ _TermKey = tuple[str, uuid.UUID, int, str]  # database, knowledge base, index ve
 _Scored = tuple["np.ndarray", "np.ndarray"]  # chunk ids, BM25 contributions
 
 
-class PostingCache:
+def posting_cache(max_bytes: int) -> SizedLRU[_TermKey, _Scored]:
     """Terms' postings (all their blocks, decoded) as this process last read them, least
     recently used dropped first beyond `max_bytes`: each as its chunk ids and their BM25
     contributions. An entry is the term's at one `index_version` of its knowledge base, which
@@ -453,39 +453,15 @@ class PostingCache:
     the contributions are computed from (N, df, average length): a search that reads the
     version its entries were read at gets what the database holds, so scores stay exact.
     Common terms have the longest lists and recur in most queries: they are read from the
-    database, and scored, once per version."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self._entries: OrderedDict[_TermKey, _Scored] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def get(self, key: _TermKey) -> _Scored | None:
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None:
-                self._entries.move_to_end(key)
-            return entry
-
-    def put(
-        self, key: tuple[str, uuid.UUID, int, str], entry: tuple[np.ndarray, np.ndarray]
-    ) -> None:
-        size = int(entry[0].nbytes + entry[1].nbytes)
-        if size > self.max_bytes // 4:
-            return  # one term would push out most others
-        with self._lock:
-            old = self._entries.pop(key, None)
-            if old is not None:
-                self._bytes -= int(old[0].nbytes + old[1].nbytes)
-            self._entries[key] = entry
-            self._bytes += size
-            while self._bytes > self.max_bytes and self._entries:
-                _, dropped = self._entries.popitem(last=False)
-                self._bytes -= int(dropped[0].nbytes + dropped[1].nbytes)
+    database, and scored, once per version. A term over a quarter of the cache is not kept."""
+    return SizedLRU(max_bytes, _scored_bytes, largest=0.25)
 
 
-postings_cache = PostingCache(max_bytes=256 * 1024 * 1024)
+def _scored_bytes(entry: _Scored) -> int:
+    return int(entry[0].nbytes + entry[1].nbytes)
+
+
+postings_cache = posting_cache(max_bytes=256 * 1024 * 1024)
 
 
 async def _postings_of(session: AsyncSession, kb: KnowledgeBase, words: list[str]) -> list[_Scored]:
@@ -633,47 +609,30 @@ class _Matrix:
         return int(self.vectors.nbytes + self.ids.nbytes + self.documents.nbytes + extra)
 
 
-class MatrixCache:
-    """Knowledge bases' embedding matrices held by this process (SQLite), least recently used
-    dropped first beyond `max_bytes`. Entries are checked against the knowledge base's
-    `index_version` on every search, so writes by any process are seen."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self._entries: OrderedDict[tuple[str, uuid.UUID], _Matrix] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple[str, uuid.UUID], version: int) -> _Matrix | None:
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None or entry.version != version:
-                return None
-            self._entries.move_to_end(key)
-            return entry
-
-    def put(self, key: tuple[str, uuid.UUID], matrix: _Matrix) -> None:
-        with self._lock:
-            self._entries[key] = matrix
-            self._entries.move_to_end(key)
-            total = sum(e.nbytes for e in self._entries.values())
-            while total > self.max_bytes and len(self._entries) > 1:
-                _, dropped = self._entries.popitem(last=False)
-                total -= dropped.nbytes
-
-    def forget(self, kb_id: uuid.UUID) -> None:
-        with self._lock:
-            for key in [k for k in self._entries if k[1] == kb_id]:
-                del self._entries[key]
+# Knowledge bases' embedding matrices held by this process (SQLite), least recently used
+# dropped first beyond `max_bytes` (the newest kept whatever its size), by (database, knowledge
+# base). An entry is checked against the knowledge base's `index_version` on every search
+# (`_held_matrix`), so writes by any process are seen.
+matrices: SizedLRU[tuple[str, uuid.UUID], _Matrix] = SizedLRU(
+    1024 * 1024 * 1024, lambda matrix: matrix.nbytes
+)
 
 
-matrices = MatrixCache(max_bytes=1024 * 1024 * 1024)
+def _held_matrix(key: tuple[str, uuid.UUID], version: int) -> _Matrix | None:
+    matrix = matrices.get(key)
+    return matrix if matrix is not None and matrix.version == version else None
+
+
+def forget_matrices(kb_id: uuid.UUID) -> None:
+    """Drop what this process holds of a deleted knowledge base's vectors."""
+    matrices.discard(lambda key: key[1] == kb_id)
 
 
 async def _load_matrix(session: AsyncSession, kb: KnowledgeBase) -> _Matrix:
     import numpy as np
 
     key = _matrix_key(session, kb)
-    cached = matrices.get(key, kb.index_version)
+    cached = _held_matrix(key, kb.index_version)
     if cached is not None:
         return cached
     rows = (

@@ -31,13 +31,13 @@ from heron.core import heap
 from heron.core.crypto import SecretBox
 from heron.core.errors import HeronError
 from heron.core.ids import utcnow
+from heron.core.leases import owner_id, owner_is_gone
 from heron.core.netguard import FetchLimits, NetGuard, open_url
 from heron.core.tasks import cancel_and_wait
 from heron.db.engine import Database
 from heron.knowledge import index
 from heron.knowledge.models import Document, DocumentStatus, KnowledgeBase, SourceKind
 from heron.knowledge.service import EmbedderFactory, embedder_factory
-from heron.runs.executor import _owner_is_gone, owner_id
 from heron.settings import Settings
 from heron.tenancy.models import Workspace
 
@@ -129,7 +129,7 @@ async def _claim(
             doc.lease_expires_at is None
             or doc.lease_expires_at < now
             or doc.lease_owner == ctx.owner
-            or _owner_is_gone(doc.lease_owner)
+            or owner_is_gone(doc.lease_owner)
         )
         if not (doc.status == DocumentStatus.queued or (interrupted and lapsed)):
             return None
@@ -493,7 +493,7 @@ class IngestionExecutor:
         for document_id, workspace_id, status, owner, expires, updated in rows:
             if self.is_local(document_id):
                 continue
-            lapsed = expires is None or expires < now or _owner_is_gone(owner)
+            lapsed = expires is None or expires < now or owner_is_gone(owner)
             if status != DocumentStatus.queued and not lapsed:
                 continue
             if status == DocumentStatus.queued and grace is not None and updated > now - grace:

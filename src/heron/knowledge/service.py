@@ -198,7 +198,7 @@ async def delete_kb(session: AsyncSession, workspace_id: uuid.UUID, kb_id: uuid.
     repo = KnowledgeBaseRepository(session, workspace_id)
     kb = await repo.get_or_404(kb_id)
     await repo.delete(kb)
-    after_commit(session, lambda: index.matrices.forget(kb_id))
+    after_commit(session, lambda: index.forget_matrices(kb_id))
 
 
 def _name_taken(name: str) -> Conflict:

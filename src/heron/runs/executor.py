@@ -16,9 +16,7 @@ import contextlib
 import enum
 import functools
 import json
-import os
 import random
-import socket
 import time
 import uuid
 from collections import deque
@@ -83,6 +81,7 @@ from heron.core import heap
 from heron.core.crypto import SecretBox
 from heron.core.errors import HeronError
 from heron.core.ids import new_id, utcnow
+from heron.core.leases import owner_is_gone
 from heron.core.tasks import cancel_and_wait
 from heron.db.direct import direct_insert, direct_update
 from heron.db.engine import Database, is_transient
@@ -447,27 +446,6 @@ async def _checkpoint(
 EPOCH = 1_000_000
 
 
-def owner_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _owner_is_gone(owner: str | None) -> bool:
-    """A lease held by a process of this machine that no longer exists (it was killed): the run
-    is taken over at once instead of when the lease lapses."""
-    if not owner or ":" not in owner:
-        return False
-    host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
 def _write_progress_sqlite(
     conn: Connection,
     progress: _Progress,
@@ -734,7 +712,7 @@ def _claim_in(session: Session, ctx: RunContext, run_id: uuid.UUID) -> _Claimed 
             run.lease_expires_at is None
             or run.lease_expires_at < now
             or run.lease_owner == ctx.owner
-            or _owner_is_gone(run.lease_owner)
+            or owner_is_gone(run.lease_owner)
         )
     )
     if not claimable:
@@ -1519,7 +1497,7 @@ class RunExecutor:
         for run_id, workspace_id, status, owner, expires, updated in rows:
             if self.is_local(run_id):
                 continue
-            lapsed = expires is None or expires < now or _owner_is_gone(owner)
+            lapsed = expires is None or expires < now or owner_is_gone(owner)
             if status == RunStatus.running and stale_only and not lapsed:
                 continue
             if status == RunStatus.queued and grace is not None and updated > now - grace:
