@@ -83,6 +83,8 @@ def test_logged_tracebacks_show_the_frames_but_never_their_locals(
         raise RuntimeError("the provider refused")
 
     secret = "-".join(["sk", "live", "should", "never", "be", "logged"])  # not in any source line
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
     configure_logging("info", fmt)
     try:
         try:
@@ -91,8 +93,9 @@ def test_logged_tracebacks_show_the_frames_but_never_their_locals(
             structlog.get_logger("heron.test").exception("call_failed")
         err = capsys.readouterr().err
     finally:
-        configure_logging("warning", "console")
-        logging.getLogger().setLevel(logging.WARNING)
+        # The handler just made writes to this test's captured stderr, closed after it.
+        root.handlers[:], level = saved
+        root.setLevel(level)
     assert "call_failed" in err
     assert "the provider refused" in err
     assert "in fail" in err  # the frame that raised

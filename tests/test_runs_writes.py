@@ -4,11 +4,13 @@ connection's thread per transaction) and a checkpoint that a cancellation can't 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from sqlalchemy import Connection, delete, insert, select
@@ -218,3 +220,21 @@ async def test_a_pooled_read_connection_never_keeps_an_old_snapshot(db: Database
     # Every pooled connection, the ones used above among them, sees the last name.
     names = await asyncio.gather(*(read() for _ in range(12)))
     assert set(names) == {"d"}
+
+
+async def test_a_disposed_database_leaves_no_connection_to_reset(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The synchronous connection `transaction()` keeps beside SQLite's writer is dropped with
+    it: once the database is disposed and collected, nothing rolls back on a closed database
+    (SQLAlchemy logged that as an error from a garbage collector's finalizer)."""
+    import gc
+
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'disposed.db'}")
+    await db.transaction(lambda conn: conn.exec_driver_sql("CREATE TABLE t (a INTEGER)"))
+    await db.transaction(lambda conn: conn.exec_driver_sql("INSERT INTO t VALUES (1)"))
+    await db.dispose()
+    del db
+    with caplog.at_level(logging.ERROR, logger="sqlalchemy.pool"):
+        gc.collect()
+    assert not [r for r in caplog.records if r.name.startswith("sqlalchemy")]

@@ -250,7 +250,12 @@ def _sqlite_transaction(driver: Any, work: Callable[[Connection], T]) -> T:
     if conn is None or conn.closed:
         dbapi = driver._conn  # the sqlite3 connection, used on its own thread only
         # StaticPool: the engine's one connection is the driver's, never closed by it.
-        engine: Engine = create_engine("sqlite://", creator=lambda: dbapi, poolclass=StaticPool)
+        # No reset on return: the transaction below always ends itself, and the connection is
+        # never checked in but dropped with the driver's (a reset then would ROLLBACK on a
+        # closed database, logged from a garbage collector's finalizer).
+        engine: Engine = create_engine(
+            "sqlite://", creator=lambda: dbapi, poolclass=StaticPool, pool_reset_on_return=None
+        )
         conn = driver.heron_sync_connection = engine.connect()
     try:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
