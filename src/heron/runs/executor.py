@@ -470,10 +470,10 @@ def _write_progress_postgres(
     run_values: dict[str, Any],
     messages: list[dict[str, Any]],
 ) -> None:
-    """`_write_progress` and the new messages' INSERT in one statement, so one round trip to
-    the server: the rows go as JSON arrays, each expanded by `json_populate_recordset` in a
-    data-modifying CTE of the run's UPDATE (three to four fewer round trips per checkpoint,
-    each a step's worth of latency on a remote server)."""
+    """What `_write_progress_sqlite` writes (messages, steps, events, the run) in one
+    statement, so one round trip to the server: the rows go as JSON arrays, each expanded by
+    `json_populate_recordset` in a data-modifying CTE of the run's UPDATE (three to four fewer
+    round trips per checkpoint, each a step's worth of latency on a remote server)."""
     run = progress.run
     now = utcnow()
     tables = {
