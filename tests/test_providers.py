@@ -808,3 +808,57 @@ async def test_models_send_the_conversation_as_is_past_the_sdk_transform(
     # Heron's requests gave the transform empty placeholders; the stock client, everything.
     assert [len(t["messages"]) for t in transformed] == [0, 0, 8, 8]
     assert [len(t["tools"]) for t in transformed] == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("kind", ["openai-compatible", "groq", "anthropic"])
+async def test_requests_go_through_the_sdk_client_itself_which_never_retries(
+    kind: str, fake: tuple[FakeOpenAI, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SDK clients of Heron's models have their own retries off (the HTTP transport
+    retries), so pydantic-ai sends every request through the client itself: given a
+    `max_retries` setting it would copy the client for each request (and the copy looks up the
+    platform again on a worker thread)."""
+    from anthropic import AsyncAnthropic
+    from groq import AsyncGroq
+    from openai import AsyncOpenAI
+    from pydantic_ai.models._sdk_retries import with_max_retries
+
+    from heron.providers.connection import ProviderConnection
+    from heron.providers.models import ProviderKind
+    from heron.providers.runtime import NO_RETRY, HttpClients
+
+    copies: list[str] = []
+    for sdk in (AsyncOpenAI, AsyncGroq, AsyncAnthropic):
+        original = sdk.copy
+
+        def counted(self: Any, *args: Any, __original: Any = original, **kwargs: Any) -> Any:
+            copies.append(type(self).__name__)
+            return __original(self, *args, **kwargs)
+
+        monkeypatch.setattr(sdk, "copy", counted)
+    server, url = fake
+    connection = ProviderConnection(
+        name="llm",
+        kind=ProviderKind(kind),
+        base_url=url.removesuffix("/v1") if kind == "groq" else url,
+        api_key=API_KEY,
+    )
+    clients = HttpClients()
+    try:
+        model: Any = ModelRuntime([connection], clients=clients, retry=NO_RETRY).model(
+            "llm:gpt-test"
+        )
+        assert model.client.max_retries == 0
+        assert with_max_retries(model.client, model.settings or {}) is model.client
+        if kind != "anthropic":  # the fake speaks the OpenAI wire format only
+            server.push(Reply.failure(500, "Something broke."), Reply(text="Fine now."))
+            with pytest.raises(ModelHTTPError):
+                await Agent(model).run("Hi")
+            assert len(server.chat_requests) == 1  # the SDK did not try again
+            assert (await Agent(model).run("Hi")).output == "Fine now."
+            server.push(Reply(text="Streamed.", chunk_size=3))
+            async with Agent(model).run_stream("Hi") as streamed:
+                assert await streamed.get_output() == "Streamed."
+    finally:
+        await clients.aclose()
+    assert copies == []
