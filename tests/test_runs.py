@@ -175,6 +175,53 @@ async def test_tools_run_and_steps_are_recorded(
     }
 
 
+async def test_an_agent_without_tools_continues_a_thread_with_tool_calls(
+    client: httpx.AsyncClient, alice: Tenant, llm: tuple[FakeOpenAI, str]
+) -> None:
+    """An agent without tools runs with no toolset at all; the tool calls earlier in its
+    thread still reach the model, and a call it makes up anyway goes back to it as an
+    unknown tool, as with an empty toolset."""
+    fake, url = llm
+    await make_agent(client, alice, url, tools=["calculator"])
+    chat = await client.post(
+        "/api/agents",
+        json={"name": "chat", "model": "fake:small", "instructions": "Chat."},
+        headers=alice.headers,
+    )
+    assert chat.status_code == 201, chat.text
+    thread = await new_thread(client, alice)
+    fake.push(
+        Reply(tool_calls=[ToolCall("calculator", {"expression": "6*7"}, id="call_a")]),
+        Reply(text="It is 42."),
+        Reply(tool_calls=[ToolCall("calculator", {"expression": "1+1"}, id="call_b")]),
+        Reply(text="Twice that is 84."),
+    )
+    for agent, text in (("helper", "6 times 7?"), ("chat", "And twice that?")):
+        run = (
+            await client.post(
+                f"/api/threads/{thread}/runs/wait",
+                json={"agent": agent, "version": "draft", "input": text},
+                headers=alice.headers,
+            )
+        ).json()
+        assert run["status"] == "completed", run
+    assert run["output"] == "Twice that is 84."
+    made_up, answered = fake.chat_requests[2:]
+    assert "tools" not in made_up.body
+    assert [m["role"] for m in made_up.body["messages"]] == [
+        "system",
+        "user",
+        "assistant",
+        "tool",
+        "assistant",
+        "user",
+    ]
+    unknown = answered.body["messages"][-1]
+    assert unknown["role"] == "tool"
+    assert unknown["tool_call_id"] == "call_b"
+    assert "Unknown tool name" in unknown["content"]
+
+
 async def test_approval_pauses_then_approve_with_edited_arguments_and_deny(
     client: httpx.AsyncClient, alice: Tenant, llm: tuple[FakeOpenAI, str]
 ) -> None:
