@@ -239,6 +239,18 @@ def heron_env(home: Path, port: int, concurrency: int, **extra: str) -> dict[str
 HERON = _script("heron")  # --heron replaces it (comparing builds or patches)
 
 
+async def start_floor(scratch: Path, model_url: str) -> Server:
+    """bench/floor_server.py: FastAPI + pydantic-ai streaming SSE, with nothing of Heron."""
+    port = free_port()
+    return await start(
+        "floor",
+        [sys.executable, str(BENCH / "floor_server.py"), str(port), model_url],
+        clean_env(),
+        scratch,
+        f"http://127.0.0.1:{port}/healthz",
+    )
+
+
 async def start_heron(scratch: Path, name: str, concurrency: int, **extra: str) -> Server:
     home = scratch / f"home-{name}"
     port = free_port()
@@ -613,6 +625,7 @@ class TtftResults:
     heron_total: Series
     direct: Series | None = None
     pydantic_ai: Series | None = None
+    floor: Series | None = None
 
 
 async def measure_ttft(
@@ -623,6 +636,7 @@ async def measure_ttft(
     *,
     baselines: bool,
     profiler: Profiler | None = None,
+    floor_url: str | None = None,
 ) -> TtftResults:
     from openai import AsyncOpenAI
 
@@ -633,6 +647,10 @@ async def measure_ttft(
     if baselines:
         results.direct = Series("openai direct")
         results.pydantic_ai = Series("pydantic-ai stream")
+    floor = None
+    if floor_url is not None:
+        results.floor = Series("floor")
+        floor = httpx.AsyncClient(base_url=floor_url, timeout=60)
     threads = await heron.threads(warmup + runs)
     for i, thread in enumerate(threads):
         if i == warmup and profiler is not None:
@@ -646,6 +664,11 @@ async def measure_ttft(
             _, first_pa, output = await pydantic_ai_streamed(agent, CHAT_PROMPT)
             if output != ANSWER:
                 raise RuntimeError(f"unexpected baseline output: {output!r}")
+        floored = None
+        if floor is not None:
+            floored = await heron_streamed_run(floor, {}, thread)
+            if floored.error or floored.ttft is None:
+                raise RuntimeError(f"floor server's run failed: {floored.error}")
         if i < warmup:
             continue
         results.heron.values.append(streamed.ttft)
@@ -653,8 +676,12 @@ async def measure_ttft(
         if results.direct is not None and results.pydantic_ai is not None:
             results.direct.values.append(first or 0.0)
             results.pydantic_ai.values.append(first_pa or 0.0)
+        if results.floor is not None and floored is not None and floored.ttft is not None:
+            results.floor.values.append(floored.ttft)
     if direct is not None:
         await direct.close()
+    if floor is not None:
+        await floor.aclose()
     return results
 
 
@@ -812,6 +839,13 @@ def render(r: Report) -> str:
     ttft_rows = [("Heron, SQLite: SSE, first `message.delta`", t.heron)]
     if r.ttft_pg is not None:
         ttft_rows.append(("Heron, PostgreSQL: SSE, first `message.delta`", r.ttft_pg.heron))
+    if t.floor is not None:
+        ttft_rows.append(
+            (
+                "FastAPI + pydantic-ai SSE, nothing stored (`bench/floor_server.py`): the floor",
+                t.floor,
+            )
+        )
     ttft_rows += [
         ("pydantic-ai `agent.iter` + `node.stream`, first text, for reference", t.pydantic_ai),
         ("OpenAI SDK straight to the model server, first content chunk (**baseline**)", t.direct),
@@ -907,6 +941,22 @@ def render(r: Report) -> str:
         f"{verdict(ttft_added * 1000 <= TARGET_TTFT_MS)} ({ttft_added * 1000:.1f} ms). "
         f"Whole streamed run through Heron (request to `run.completed`): p50 "
         f"{ms(t.heron_total.p50)}, p99 {ms(t.heron_total.p99)}.",
+        *(
+            [
+                "",
+                "The floor is the same stack with nothing of Heron: a FastAPI endpoint under "
+                "uvicorn that drives one prebuilt pydantic-ai agent as Heron's executor does "
+                "and sends its text deltas as the same SSE events; no authentication, no "
+                "database, no run. It adds "
+                f"{(t.floor.p50 - t.direct.p50) * 1000:.1f} ms by itself "
+                f"({verdict((t.floor.p50 - t.direct.p50) * 1000 <= TARGET_TTFT_MS)} against the "
+                "same target); Heron's own machinery (authentication, the durable run written "
+                "before the stream starts, its agent, the event log) adds "
+                f"{(t.heron.p50 - t.floor.p50) * 1000:.1f} ms over it.",
+            ]
+            if t.floor is not None
+            else []
+        ),
         "",
         f"### {b.runs} concurrent streaming runs",
         "",
@@ -1048,6 +1098,7 @@ async def embedded(options: argparse.Namespace, scratch: Path, plan: Plan, model
     concurrency = max(plan.concurrent, 256)
     load = os.getloadavg()[0]
     heron = await start_heron(scratch, "sqlite", concurrency)
+    floor = await start_floor(scratch, model.url)
     try:
 
         async def sqlite_phases(h: Heron) -> tuple[StepResults, TtftResults, BurstResults]:
@@ -1072,6 +1123,7 @@ async def embedded(options: argparse.Namespace, scratch: Path, plan: Plan, model
                     plan.warmup,
                     baselines=True,
                     profiler=spy["ttft"],
+                    floor_url=floor.url,
                 )
                 spy["ttft"].stop()
                 print(f"sqlite: {plan.concurrent} concurrent streaming runs", file=sys.stderr)
@@ -1084,6 +1136,7 @@ async def embedded(options: argparse.Namespace, scratch: Path, plan: Plan, model
         steps, ttft, burst = await with_heron(heron, sqlite_phases)
     finally:
         heron.stop()
+        floor.stop()
     report = Report(plan, options.quick, concurrency, load, steps, ttft, burst)
     if not options.no_postgres:
         await postgres_phases(options, scratch, plan, model, report)
