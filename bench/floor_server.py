@@ -36,10 +36,10 @@ class RunBody(BaseModel):
 
 def make_app(model_url: str) -> FastAPI:
     from model_server import API_KEY, MODEL
-    from pydantic_ai import Agent, PartDeltaEvent, PartStartEvent, TextPart, TextPartDelta
+    from pydantic_ai import Agent
     from pydantic_ai.models.openai import OpenAIChatModel
     from pydantic_ai.providers.openai import OpenAIProvider
-    from runs import INSTRUCTIONS
+    from runs import INSTRUCTIONS, text_of
 
     from heron.providers.openai_client import PassthroughOpenAI
 
@@ -61,15 +61,7 @@ def make_app(model_url: str) -> FastAPI:
                     if Agent.is_model_request_node(node) or Agent.is_call_tools_node(node):
                         async with node.stream(agent_run.ctx) as stream:
                             async for event in stream:
-                                text = None
-                                if isinstance(event, PartStartEvent) and isinstance(
-                                    event.part, TextPart
-                                ):
-                                    text = event.part.content
-                                elif isinstance(event, PartDeltaEvent) and isinstance(
-                                    event.delta, TextPartDelta
-                                ):
-                                    text = event.delta.content_delta
+                                text = text_of(event)
                                 if text:
                                     seq += 1
                                     yield sse(seq, "message.delta", {"text": text})

@@ -501,10 +501,22 @@ def baseline_agent(model_url: str, *, tools: bool, heron_client: bool = False) -
     return Agent(model, instructions=INSTRUCTIONS, tools=[calculator] if tools else [])
 
 
+def text_of(event: Any) -> str | None:
+    """The text a pydantic-ai stream event adds to the answer, if any (as Heron's executor
+    reads it for `message.delta`)."""
+    from pydantic_ai import PartDeltaEvent, PartStartEvent, TextPart, TextPartDelta
+
+    if isinstance(event, PartStartEvent) and isinstance(event.part, TextPart):
+        return event.part.content or None
+    if isinstance(event, PartDeltaEvent) and isinstance(event.delta, TextPartDelta):
+        return event.delta.content_delta or None
+    return None
+
+
 async def pydantic_ai_streamed(agent: Any, prompt: str) -> tuple[float, float | None, str]:
     """pydantic-ai's loop driven as Heron's executor drives it: every node streamed.
     Returns (wall time, time to the first text, output)."""
-    from pydantic_ai import Agent, PartDeltaEvent, PartStartEvent, TextPart, TextPartDelta
+    from pydantic_ai import Agent
 
     began = time.perf_counter()
     first: float | None = None
@@ -513,18 +525,7 @@ async def pydantic_ai_streamed(agent: Any, prompt: str) -> tuple[float, float | 
             if Agent.is_model_request_node(node) or Agent.is_call_tools_node(node):
                 async with node.stream(run.ctx) as events:
                     async for event in events:
-                        if first is None and (
-                            (
-                                isinstance(event, PartStartEvent)
-                                and isinstance(event.part, TextPart)
-                                and event.part.content
-                            )
-                            or (
-                                isinstance(event, PartDeltaEvent)
-                                and isinstance(event.delta, TextPartDelta)
-                                and event.delta.content_delta
-                            )
-                        ):
+                        if first is None and text_of(event):
                             first = time.perf_counter() - began
     wall = time.perf_counter() - began
     assert run.result is not None

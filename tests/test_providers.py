@@ -701,6 +701,17 @@ async def test_runs_share_a_built_model_until_its_connection_changes(
         await clients.aclose()
 
 
+def _fake_connection(kind: str, url: str) -> Any:
+    """A connection of `kind` to the fake server (Groq's SDK adds `/openai/v1` itself)."""
+    from heron.providers.connection import ProviderConnection
+    from heron.providers.models import ProviderKind
+
+    base_url = url.removesuffix("/v1") if kind == "groq" else url
+    return ProviderConnection(
+        name="llm", kind=ProviderKind(kind), base_url=base_url, api_key=API_KEY
+    )
+
+
 def _stock_model(kind: str, url: str) -> Any:
     """pydantic-ai's model for `kind` on the fake server, with the SDK's own client."""
     if kind == "groq":
@@ -741,8 +752,6 @@ async def test_models_send_the_conversation_as_is_past_the_sdk_transform(
         UserPromptPart,
     )
 
-    from heron.providers.connection import ProviderConnection
-    from heron.providers.models import ProviderKind
     from heron.providers.runtime import HttpClients
 
     sdk: Any = groq_sdk if kind == "groq" else openai_sdk
@@ -781,12 +790,7 @@ async def test_models_send_the_conversation_as_is_past_the_sdk_transform(
         ModelResponse(parts=[TextPart("It shows 4.")]),
     ]
     server, url = fake
-    connection = ProviderConnection(
-        name="llm",
-        kind=ProviderKind(kind),
-        base_url=url.removesuffix("/v1") if kind == "groq" else url,
-        api_key=API_KEY,
-    )
+    connection = _fake_connection(kind, url)
     clients = HttpClients()
     try:
         heron_model = ModelRuntime([connection], clients=clients).model("llm:gpt-test")
@@ -823,8 +827,6 @@ async def test_requests_go_through_the_sdk_client_itself_which_never_retries(
     from openai import AsyncOpenAI
     from pydantic_ai.models._sdk_retries import with_max_retries
 
-    from heron.providers.connection import ProviderConnection
-    from heron.providers.models import ProviderKind
     from heron.providers.runtime import NO_RETRY, HttpClients
 
     copies: list[str] = []
@@ -837,12 +839,7 @@ async def test_requests_go_through_the_sdk_client_itself_which_never_retries(
 
         monkeypatch.setattr(sdk, "copy", counted)
     server, url = fake
-    connection = ProviderConnection(
-        name="llm",
-        kind=ProviderKind(kind),
-        base_url=url.removesuffix("/v1") if kind == "groq" else url,
-        api_key=API_KEY,
-    )
+    connection = _fake_connection(kind, url)
     clients = HttpClients()
     try:
         model: Any = ModelRuntime([connection], clients=clients, retry=NO_RETRY).model(
